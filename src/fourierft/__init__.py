@@ -1,0 +1,48 @@
+"""fourierft: fast, PEFT-compatible FourierFT and BOFT adapters for PyTorch and transformers.
+
+Switch from PEFT by changing one import line::
+
+    from fourierft import FourierFTConfig, get_peft_model
+"""
+
+from ._version import __version__
+from .checkpoint import CheckpointError, get_peft_model_state_dict, set_peft_model_state_dict
+from .config import PeftConfig, PeftType, TaskType, get_peft_config
+from .layer import AdapterLayer, ModulesToSaveWrapper
+from .methods import FourierFTConfig, FourierFTLinear, FourierFTModel
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+
+__all__ = [
+    "__version__",
+    "AdapterLayer",
+    "CheckpointError",
+    "FourierFTConfig",
+    "FourierFTLinear",
+    "FourierFTModel",
+    "ModulesToSaveWrapper",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_config",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
+]

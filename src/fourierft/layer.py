@@ -1,0 +1,291 @@
+"""Method-agnostic adapter layer plumbing.
+
+:class:`AdapterLayer` wraps a frozen ``base_layer`` and keeps, per adapter name, the method's tensors in
+``ParameterDict``s named in ``adapter_layer_names`` (these are the trainable, saved tensors). It owns the
+bookkeeping every method shares: active adapters, enable/disable, merge/unmerge, delete. A method
+subclass supplies four things:
+
+* ``update_layer(adapter_name, config, **kwargs)``: create the adapter's tensors;
+* ``adapter_forward(x, adapter_names, *args, **kwargs)``: the unmerged output with those adapters;
+* ``merged_weight(adapter_name, weight)`` / ``unmerged_weight(adapter_name, weight)``: fold the adapter
+  into, or out of, a copy of the base weight.
+
+:class:`ModulesToSaveWrapper` keeps a trainable copy of a whole module per adapter (``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class BufferDict(nn.Module):
+    """Per-adapter tensors kept as non-persistent buffers: they follow ``.to()`` but are never saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: list[str] = []
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=False)
+        if key not in self._keys:
+            self._keys.append(key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+        self._keys.remove(key)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every adapted layer (see the module docstring for the method contract)."""
+
+    #: ParameterDict attributes holding each adapter's trainable tensors, e.g. ``("fourierft_spectrum",)``.
+    adapter_layer_names: tuple[str, ...] = ()
+    #: Other per-adapter attributes (dicts or BufferDicts) removed on ``delete_adapter``.
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped module."""
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in creation order."""
+        first = getattr(self, self.adapter_layer_names[0])
+        return list(first.keys())
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[tuple[str, nn.Parameter]]:
+        """``(attribute, parameter)`` pairs of one adapter."""
+        for attr in self.adapter_layer_names:
+            params = getattr(self, attr)
+            if adapter_name in params:
+                yield attr, params[adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; their tensors train unless ``inference_mode``, all others are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names():
+            for _, p in self.adapter_parameters(name):
+                p.requires_grad_(name in names and not inference_mode)
+        self._active_adapters = [n for n in names if n in self.adapter_names()]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters' contribution on or off (the base layer's output is unchanged)."""
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s tensors; the remaining adapters stay as they are."""
+        for attr in self.adapter_layer_names + self.other_param_names:
+            store = getattr(self, attr)
+            if adapter_name in store:
+                del store[adapter_name]
+        if adapter_name in self._active_adapters:
+            self._active_adapters.remove(adapter_name)
+            if not self._active_adapters and self.adapter_names():
+                self._active_adapters = [self.adapter_names()[0]]
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the base weight, in order.
+
+        Args:
+            safe_merge: Compute into a copy and check it is finite before writing it.
+            adapter_names: Which adapters to merge; default the active ones.
+
+        Raises:
+            ValueError: ``safe_merge`` found NaN or Inf (the base weight is left untouched).
+        """
+        names = self._active_adapters if adapter_names is None else adapter_names
+        names = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
+        if not names:
+            return
+        base = self.get_base_layer()
+        for name in names:
+            merged = self.merged_weight(name, base.weight.data)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            base.weight.data = merged.to(base.weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, newest first."""
+        while self.merged_adapters:
+            self.unmerge_last()
+
+    def unmerge_last(self) -> None:
+        """Undo the most recent merge."""
+        base = self.get_base_layer()
+        name = self.merged_adapters.pop()
+        base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = [n for n in self._active_adapters if n in self.adapter_names()]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapter_forward(x, names, *args, **kwargs)
+
+    # ------------------------------------------------------------------ method contract
+    @classmethod
+    def check_target(cls, module: nn.Module, config, key: str) -> None:
+        """Raise ``ValueError`` if ``config`` cannot be applied to ``module`` (called before any change)."""
+
+    def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
+        """Tensors rebuilt from the config rather than saved (fingerprinted in adapter files)."""
+        return []
+
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Put the adapter on the base weight's device and dtype; fp16/bf16 are then upcast to fp32.
+
+        The round trip through the base dtype reproduces PEFT's initial values exactly.
+        """
+        weight = self.get_base_layer().weight
+        for _, param in self.adapter_parameters(adapter_name):
+            if param.device.type == "meta":
+                continue
+            data = param.data.to(weight.device)
+            if weight.dtype.is_floating_point:
+                data = data.to(weight.dtype)
+            if autocast_adapter_dtype and data.dtype in (torch.float16, torch.bfloat16):
+                data = data.float()
+            param.data = data
+        for attr in self.other_param_names:
+            store = getattr(self, attr)
+            if isinstance(store, BufferDict) and adapter_name in store:
+                store[adapter_name] = store[adapter_name].to(weight.device)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self._active_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and a trainable deep copy per adapter (``modules_to_save``)."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: Optional[str] = None
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    @property
+    def active_adapter(self) -> Optional[str]:
+        return self._active_adapter
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._active_module().weight
+
+    def _active_module(self) -> nn.Module:
+        if self._disable_adapters or self._active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self._active_adapter]
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Use ``adapter_names``' copy (at most one of them may have one); it trains unless ``inference_mode``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        owned = [n for n in names if n in self.modules_to_save]
+        if len(owned) > 1:
+            raise ValueError(
+                f"Only one adapter can be active on the modules_to_save module {type(self.original_module).__name__}"
+                f", but these are: {owned}"
+            )
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in owned and not inference_mode)
+        self._active_adapter = owned[0] if owned else None
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self._active_adapter == adapter_name:
+            remaining = list(self.modules_to_save.keys())
+            self._active_adapter = remaining[0] if remaining else None
+
+    def forward(self, *args, **kwargs):
+        return self._active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "_active_adapter", "_disable_adapters"):
+                raise
+            return getattr(self._active_module(), name)

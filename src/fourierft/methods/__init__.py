@@ -1,0 +1,10 @@
+"""Adapter methods. Each is one module; registering a method is one entry in ``_MODEL_CLASSES``."""
+
+from .fourierft import FourierFTConfig, FourierFTLinear, FourierFTModel
+
+_MODEL_CLASSES = (FourierFTModel,)
+
+#: ``peft_type`` -> tuner class.
+MODEL_CLASSES = {cls.peft_type: cls for cls in _MODEL_CLASSES}
+
+__all__ = ["FourierFTConfig", "FourierFTLinear", "FourierFTModel", "MODEL_CLASSES"]

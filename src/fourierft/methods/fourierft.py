@@ -1,0 +1,216 @@
+r"""FourierFT (Gao et al., ICML 2024): a weight change learned as ``n`` spectral coefficients.
+
+For a layer ``W0`` of shape ``(d_out, d_in)`` the adapter holds coefficients :math:`c \in \mathbb{R}^n` at
+fixed random 2-D frequencies :math:`(p_i, q_i)` and adds
+
+.. math::
+
+    \Delta W = a \cdot \mathrm{Re}\big(\mathrm{ifft2}(S)\big), \qquad S[p_i, q_i] = c_i,
+
+so that :math:`\Delta W_{jk} = \frac{a}{d_{out} d_{in}} \sum_i c_i \cos 2\pi (p_i j / d_{out} + q_i k / d_{in})`.
+The frequencies are rebuilt from ``random_loc_seed`` exactly as PEFT draws them, never saved. Unmerged,
+the layer applies :math:`\Delta W` to the activations through FFTs (:mod:`fourierft.ops.spectral`) and never
+builds the ``d_out x d_in`` matrix; merging adds the dense :math:`\Delta W` once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import TunerConfig, register_config
+from ..layer import AdapterLayer, BufferDict
+from ..ops import spectral
+from ..tuner import AdapterModel
+
+logger = logging.getLogger(__name__)
+
+try:  # transformers' GPT-2 style layer with an (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+
+@register_config
+@dataclasses.dataclass
+class FourierFTConfig(TunerConfig):
+    """Configuration of a FourierFT adapter (PEFT's fields and defaults, plus ``frequency_band``).
+
+    Args:
+        n_frequency: Number of learnable spectral coefficients per layer (``0 < n <= d_out * d_in``). The
+            paper uses 1000 for RoBERTa-base and 700 for ViT-base.
+        scaling: Multiplier ``a`` of the weight change; the paper uses 100-150 for RoBERTa and LLaMA, 300 for ViT.
+        random_loc_seed: Seed of the frequency positions (shared by all layers, as in PEFT).
+        n_frequency_pattern: Per-layer ``n_frequency``: ``{regex_suffix: n}``, first match wins.
+        init_weights: ``True`` starts from zero coefficients (identity); PEFT's default ``False`` draws N(0, 1).
+        frequency_band: Not in PEFT; ``None`` (default) draws the positions uniformly like PEFT. ``[center,
+            width]`` draws them with a Gaussian band-pass weight on the normalised radial frequency
+            (``0`` = lowest, about ``0.7`` = highest), the paper's frequency-bias option. Saved in the config
+            and rebuilt on load; PEFT ignores it (with a warning), so such adapters only load correctly here.
+    """
+
+    PEFT_TYPE = "FOURIERFT"
+    EXTENSION_FIELDS = ("frequency_band",)
+
+    n_frequency: int = 1000
+    scaling: float = 150.0
+    random_loc_seed: Optional[int] = 777
+    n_frequency_pattern: Optional[dict] = dataclasses.field(default_factory=dict)
+    frequency_band: Optional[list] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("n_frequency", self.n_frequency)
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling must be a number, got {self.scaling!r}")
+        if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
+            raise ValueError(f"random_loc_seed must be an int (it fixes the frequencies), got {self.random_loc_seed!r}")
+        if self.n_frequency_pattern is None:
+            self.n_frequency_pattern = {}
+        if not isinstance(self.n_frequency_pattern, dict):
+            raise ValueError(f"n_frequency_pattern must be a dict {{name: n}}, got {self.n_frequency_pattern!r}")
+        for key, value in self.n_frequency_pattern.items():
+            _check_positive_int(f"n_frequency_pattern[{key!r}]", value)
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"n_frequency_pattern key {key!r} is not a valid regex: {err}") from err
+        if self.frequency_band is not None:
+            band = self.frequency_band
+            if not isinstance(band, (list, tuple)) or len(band) != 2:
+                raise ValueError(f"frequency_band must be [center, width], got {band!r}")
+            center, width = float(band[0]), float(band[1])
+            if not (0.0 <= center <= 0.75 and width > 0):
+                raise ValueError(
+                    f"frequency_band=[center, width] needs 0 <= center <= 0.75 and width > 0, got {band!r}"
+                )
+            self.frequency_band = [center, width]
+
+    def n_frequency_for(self, key: str) -> int:
+        """``n_frequency`` of the module named ``key`` (PEFT's rule: first pattern ``.*\\.{k}$``, then exact)."""
+        for pattern, n in self.n_frequency_pattern.items():
+            if re.match(rf".*\.{pattern}$", key):
+                return n
+        return self.n_frequency_pattern.get(key, self.n_frequency)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _features(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, is_conv1d)`` of a Linear or transformers Conv1D."""
+    if Conv1D is not None and isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    return module.in_features, module.out_features, False
+
+
+class FourierFTLinear(AdapterLayer):
+    """FourierFT on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+
+    adapter_layer_names = ("fourierft_spectrum",)
+    other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
+                         "fourierft_indices")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features, is_conv1d = _features(base_layer)
+        if config.fan_in_fan_out != is_conv1d:
+            logger.warning(
+                "fan_in_fan_out is set to %s but the target module is %s; setting fan_in_fan_out to %s.",
+                config.fan_in_fan_out, type(base_layer).__name__, is_conv1d,
+            )
+            config.fan_in_fan_out = is_conv1d
+        self.fan_in_fan_out = is_conv1d
+        self.fourierft_spectrum = nn.ParameterDict()
+        self.fourierft_n_frequency: dict[str, int] = {}
+        self.fourierft_scaling: dict[str, float] = {}
+        self.fourierft_random_loc_seed: dict[str, int] = {}
+        self.fourierft_indices = BufferDict()
+        self.update_layer(adapter_name, config, key=key)
+
+    @classmethod
+    def check_target(cls, module: nn.Module, config: FourierFTConfig, key: str) -> None:
+        d_in, d_out, _ = _features(module.get_base_layer() if isinstance(module, AdapterLayer) else module)
+        n = config.n_frequency_for(key)
+        if n > d_in * d_out:
+            raise ValueError(
+                f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
+                f"but the value passed is {n} and the product is {d_in * d_out} (layer {key}, {d_out}x{d_in})"
+            )
+
+    def update_layer(self, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
+        """Create adapter ``adapter_name``: frequencies from the seed, then ``torch.randn(n)`` (PEFT's draw)."""
+        n = config.n_frequency_for(key)
+        self.check_target(self, config, key)
+        d_out, d_in = self.out_features, self.in_features
+        if config.frequency_band is None:
+            indices = spectral.frequency_indices(d_out, d_in, n, config.random_loc_seed)
+        else:
+            center, width = config.frequency_band
+            indices = spectral.band_frequency_indices(d_out, d_in, n, config.random_loc_seed, center, width)
+        spectrum = torch.randn(n)  # drawn even when zeroed below, to keep PEFT's RNG stream
+        if config.init_weights:
+            spectrum = torch.zeros_like(spectrum)
+        self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum)
+        self.fourierft_n_frequency[adapter_name] = n
+        self.fourierft_scaling[adapter_name] = float(config.scaling)
+        self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
+        self.fourierft_indices[adapter_name] = indices.to(self.get_base_layer().weight.device)
+
+    def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
+        return [self.fourierft_indices[adapter_name]]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` (used for merging only)."""
+        return spectral.dense_delta_weight(
+            self.fourierft_spectrum[adapter_name], self.fourierft_indices[adapter_name],
+            self.out_features, self.in_features, self.fourierft_scaling[adapter_name],
+        )
+
+    def _oriented_delta(self, adapter_name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).float()
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() + self._oriented_delta(adapter_name).to(weight.device)).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() - self._oriented_delta(adapter_name).to(weight.device)).to(weight.dtype)
+
+    def delta_output(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``x @ (sum of the adapters' dW)^T`` without building any ``dW`` (one shared FFT of ``x``)."""
+        return spectral.spectral_apply(
+            x,
+            [self.fourierft_spectrum[n] for n in adapter_names],
+            [self.fourierft_indices[n] for n in adapter_names],
+            [self.fourierft_scaling[n] for n in adapter_names],
+            self.out_features,
+        )
+
+    def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        return result + self.delta_output(x, adapter_names).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+    def __repr__(self) -> str:
+        return "fourierft." + super().__repr__()
+
+
+class FourierFTModel(AdapterModel):
+    """Injects :class:`FourierFTLinear` layers into a model (PEFT's ``FourierFTModel``)."""
+
+    peft_type = "FOURIERFT"
+    prefix = "fourierft_"
+    layer_cls = FourierFTLinear
+    target_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}

@@ -1,0 +1,402 @@
+"""``PeftModel`` and its task classes: the user-facing wrapper, adapter management and files.
+
+``PeftModel.base_model`` is the method's tuner (e.g. :class:`~fourierft.FourierFTModel`), whose ``.model``
+is the user's model with adapter layers swapped in; state-dict keys therefore read
+``base_model.model.<module>...`` exactly as in PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import PeftConfig
+from .methods import MODEL_CLASSES
+from .tuner import AdapterModel, check_adapter_name
+
+logger = logging.getLogger(__name__)
+
+
+def _tuner_class(config: PeftConfig) -> type[AdapterModel]:
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"Expected a fourierft PeftConfig (e.g. FourierFTConfig), got {type(config).__name__}")
+    if config.peft_type not in MODEL_CLASSES:
+        raise ValueError(f"peft_type {config.peft_type!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[config.peft_type]
+
+
+class PeftModel(nn.Module):
+    """A model with adapters (PEFT's ``PeftModel``).
+
+    Args:
+        model: The base model; adapter layers are swapped into it in place.
+        peft_config: The first adapter's config.
+        adapter_name: Its name (``"default"``).
+        autocast_adapter_dtype: Keep adapters in fp32 when the base model is fp16/bf16.
+        low_cpu_mem_usage: Create adapter tensors on the meta device (to be filled by loading).
+    """
+
+    #: Head modules trained in full by this task class (added to ``modules_to_save``).
+    task_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        check_adapter_name(adapter_name)
+        tuner_cls = _tuner_class(peft_config)
+        self._adapters_disabled = False
+        self._add_task_modules(peft_config)
+        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage,
+                                    autocast_adapter_dtype)
+        flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+            "is_gradient_checkpointing"
+        if getattr(model, flag, False):
+            self._enable_input_grads()
+
+    def _add_task_modules(self, config: PeftConfig) -> None:
+        if not self.task_modules_to_save:
+            return
+        if config.modules_to_save is None:
+            config.modules_to_save = list(self.task_modules_to_save)
+        else:
+            config.modules_to_save.extend(self.task_modules_to_save)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        """Run the adapted model (all arguments go to the base model's forward)."""
+        return self.base_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        names = set()
+        for config in self.peft_config.values():
+            names.update(config.modules_to_save or ())
+        return names or None
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapter layers in it)."""
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts; ``all`` includes adapters and modules_to_save copies."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            count = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+            total += count
+            trainable += count if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line summary of trainable parameters."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter; it is inactive and frozen until :meth:`set_adapter`.
+
+        Raises:
+            ValueError: Duplicate or invalid name, another method, a second adapter with a bias, or a bad
+                config; the model is then left exactly as it was.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name} already exists.")
+        _tuner_class(peft_config)
+        saved = copy.copy(peft_config.modules_to_save)
+        self._add_task_modules(peft_config)
+        try:
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config,
+                                           autocast_adapter_dtype, low_cpu_mem_usage)
+        except BaseException:
+            peft_config.modules_to_save = saved
+            raise
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the single active adapter (trainable unless ``inference_mode``)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found.")
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter (see :meth:`fourierft.tuner.AdapterModel.delete_adapter`)."""
+        self.base_model.delete_adapter(adapter_name)
+
+    def _adapter_params(self) -> Iterator[nn.Parameter]:
+        for _, layer in self.base_model.adapter_layers():
+            for name in layer.adapter_names():
+                for _, p in layer.adapter_parameters(name):
+                    yield p
+        for wrapper in self.base_model._wrappers():
+            yield from wrapper.modules_to_save.parameters()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager running the base model: adapters and modules_to_save copies are bypassed.
+
+        Unlike PEFT 0.21.2, the adapters' ``requires_grad`` flags are restored exactly on exit (PEFT makes a
+        frozen adapter trainable). Nesting is safe.
+        """
+        was_disabled = self._adapters_disabled
+        grads = [(p, p.requires_grad) for p in self._adapter_params()]
+        self.base_model.disable_adapter_layers()
+        self._adapters_disabled = True
+        for p, _ in grads:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            if not was_disabled:
+                self.base_model.enable_adapter_layers()
+            self._adapters_disabled = was_disabled
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ training helpers
+    def _enable_input_grads(self) -> None:
+        base = self.get_base_model()
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Enable gradient checkpointing on the base model, with input gradients for reentrant checkpointing."""
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._enable_input_grads()
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors`` each.
+
+        ``default`` goes into ``save_directory``, any other adapter into ``save_directory/<name>``. Each
+        file is written to a temporary folder first and moved into place, so an interrupted save never
+        damages the previous adapter.
+
+        Raises:
+            ValueError: ``save_directory`` is a file, or ``selected_adapters`` names unknown adapters.
+        """
+        from .io import save_adapters
+
+        save_adapters(self, save_directory, safe_serialization, selected_adapters, is_main_process,
+                      kwargs.get("state_dict"))
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, revision: Optional[str] = None, create_pr: bool = False,
+                    safe_serialization: bool = True, **kwargs: Any):
+        """Save the adapters to a temporary folder and upload it to the Hub repo ``repo_id``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or
+                                     "Upload adapter", revision=revision, create_pr=create_pr)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
+                        **kwargs: Any) -> "PeftModel":
+        """Load an adapter saved by ``fourierft`` or ``peft`` (a folder or a Hub repo id) onto ``model``.
+
+        Raises:
+            FileNotFoundError: No adapter config or weights.
+            CheckpointError: The weights do not fit the model; ``model`` is then returned to its state.
+        """
+        from .io import load_config, task_class
+
+        config = load_config(model_id, config, **kwargs)
+        config.inference_mode = not is_trainable
+        target_cls = task_class(config.task_type) if cls is PeftModel else cls
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        try:
+            peft_model._load_weights(model_id, adapter_name, low_cpu_mem_usage, config, **kwargs)
+        except BaseException:
+            peft_model.base_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict] = None, **kwargs: Any) -> ckpt.LoadResult:
+        """Load an adapter file as a new adapter ``adapter_name`` (not activated).
+
+        Returns:
+            The keys ignored as legacy and the optional keys not found.
+
+        Raises:
+            FileNotFoundError, CheckpointError: On failure the adapter is not added.
+        """
+        from .io import load_config
+
+        config = load_config(model_id, kwargs.pop("config", None), **kwargs)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+        try:
+            result = self._load_weights(model_id, adapter_name, low_cpu_mem_usage, config, **kwargs)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if torch_device is not None:
+            self.to(torch_device)
+        self.base_model.set_requires_grad(adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()
+        return result
+
+    def _load_weights(self, model_id: str, adapter_name: str, low_cpu_mem_usage: bool, config, **kwargs):
+        from .io import load_weights_file
+
+        tensors, metadata = load_weights_file(model_id, **kwargs)
+        return ckpt.set_peft_model_state_dict(
+            self, tensors, adapter_name, ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+            low_cpu_mem_usage=low_cpu_mem_usage, legacy_ok=_is_legacy(config),
+            fingerprint=metadata.get(ckpt.FINGERPRINT_KEY),
+        )
+
+
+def _is_legacy(config: PeftConfig) -> bool:
+    """True for files written by PEFT <= 0.20, which omitted heads and biases."""
+    version = (config.peft_version or "0").split("+")[0].split("@")[0]
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) < (0, 21)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the head (``classifier`` or ``score``) is trained and saved in full."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification; the head (``classifier`` or ``score``) is trained and saved in full."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering; ``qa_outputs`` is trained and saved in full."""
+
+    task_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Feature extraction (encoders returning hidden states)."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language modelling, with ``generate``."""
+
+    def generate(self, *args, **kwargs):
+        """Generate with the adapted model (arguments as the base model's ``generate``)."""
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Sequence-to-sequence language modelling, with ``generate``."""
+
+
+TASK_CLASSES: dict[Optional[str], type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a new adapter and return the ``PeftModelFor<task_type>`` (or ``PeftModel``).
+
+    Raises:
+        ValueError: ``mixed=True`` (these methods cannot be mixed with others) or a bad config/target.
+    """
+    if mixed:
+        raise ValueError(f"{peft_config.peft_type} does not support mixed adapter models (mixed=True)")
+    _tuner_class(peft_config)
+    name = getattr(model, "name_or_path", None)
+    peft_config.base_model_name_or_path = name or None
+    if revision is not None:
+        peft_config.revision = revision
+    cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+    """Swap adapter layers into ``model`` without a ``PeftModel`` wrapper and return it.
+
+    Args:
+        state_dict: If given, target exactly the modules that have adapter tensors in it.
+    """
+    tuner_cls = _tuner_class(peft_config)
+    if state_dict is not None:
+        marker = "." + tuner_cls.prefix
+        paths = {k.split(marker)[0] for k in state_dict if marker in k}
+        peft_config.target_modules = {p[len(ckpt.PEFT_PREFIX):] if p.startswith(ckpt.PEFT_PREFIX) else p
+                                      for p in paths}
+    tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage)
+    return tuner.model
+

@@ -1,0 +1,415 @@
+"""Method-agnostic tuner core: find targets, swap in adapter layers, manage adapters.
+
+:class:`AdapterModel` knows nothing of spectra or rotations. A method subclasses it and sets four class
+attributes: ``prefix`` (``"fourierft_"``), ``layer_cls`` (an :class:`~fourierft.layer.AdapterLayer`),
+``target_types`` (the module types it can wrap) and optionally ``default_target_overrides``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+from typing import ClassVar, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layer import AdapterLayer, ModulesToSaveWrapper
+from .targets import is_excluded, is_target, resolve_target_modules
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[^./\\\s]+$")
+
+
+def check_adapter_name(name: object) -> str:
+    """Reject names that cannot be a ParameterDict key or a folder name.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty string free of ``.``, ``/``, ``\\`` and whitespace.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"Invalid adapter name {name!r}: use a non-empty string without '.', '/', '\\\\' or whitespace"
+        )
+    return name
+
+
+def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    """``(parent, attribute)`` of the module named ``key``."""
+    parent_name, _, child = key.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class AdapterModel(nn.Module):
+    """Wraps a model and injects one method's adapter layers (PEFT's ``BaseTuner``).
+
+    Args:
+        model: The model to adapt; modified in place.
+        peft_config: A config, or a dict ``{adapter_name: config}``.
+        adapter_name: Name of the first adapter.
+        low_cpu_mem_usage: Create the adapter tensors on the meta device (to be filled by loading).
+        autocast_adapter_dtype: Keep fp16/bf16 adapters in fp32.
+    """
+
+    peft_type: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+    layer_cls: ClassVar[type[AdapterLayer]]
+    target_types: ClassVar[tuple[type, ...]] = ()
+    default_target_overrides: ClassVar[dict] = {}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        state_dict: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict = {}
+        self.active_adapter: str | list[str] = adapter_name
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        for name, config in configs.items():
+            self.inject_adapter(self.model, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """``(name, layer)`` for every adapter layer, in module order."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield module
+
+    # ------------------------------------------------------------------ injection
+    def _resolve_targets(self, model: nn.Module, config) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.target_modules is None and model_type in self.default_target_overrides:
+            config.target_modules = set(self.default_target_overrides[model_type])
+        resolve_target_modules(config, model, self.target_types)
+
+    def _find_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+        found, inside_wrapper = [], ()
+        for key, module in model.named_modules():
+            if not key or isinstance(module, ModulesToSaveWrapper):
+                inside_wrapper = (key + ".",) if isinstance(module, ModulesToSaveWrapper) else inside_wrapper
+                continue
+            if inside_wrapper and key.startswith(inside_wrapper) or ".base_layer" in "." + key:
+                continue
+            if is_excluded(config, key) or not is_target(config, key):
+                continue
+            if not isinstance(module, (AdapterLayer,) + self.target_types):
+                raise TypeError(
+                    f"Target module {key} ({type(module).__name__}) is not supported by {type(self).__name__}; "
+                    f"supported types: {', '.join(t.__name__ for t in self.target_types)}"
+                )
+            found.append((key, module))
+        if not found:
+            raise ValueError(
+                f"Target modules {config.target_modules} not found in the base model. "
+                "Please check the target modules and try again."
+            )
+        return found
+
+    def _check_new_adapter(self, adapter_name: str, config) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name} already exists.")
+        if config.peft_type != type(self).peft_type:
+            raise ValueError(
+                f"Cannot combine adapters of type {config.peft_type} with {type(self).peft_type} in one model"
+            )
+        with_bias = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if config.bias != "none" and with_bias:
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
+                f"to 'none' for all adapters (adapter {with_bias[0]} already has bias={self.peft_config[with_bias[0]].bias!r})."
+            )
+        if self.prefix.rstrip("_") and adapter_name in self.prefix:
+            logger.warning(
+                "Adapter name %r is part of the prefix %r; this can break key matching in other tools",
+                adapter_name, self.prefix,
+            )
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name`` to every target of ``config``; all-or-nothing.
+
+        The config is completed in place (``target_modules`` resolved, ``fan_in_fan_out`` corrected), as in
+        PEFT. On any error the model, the config and this tuner are left exactly as they were.
+
+        Raises:
+            ValueError: Bad name, duplicate name, no matching module, or a bad per-layer value.
+            TypeError: A matched module has a type this method cannot wrap.
+        """
+        self._check_new_adapter(adapter_name, config)
+        saved_fields = copy.copy(config.__dict__)
+        created: list[tuple[nn.Module, str, nn.Module]] = []
+        updated: list[AdapterLayer] = []
+        wrapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            self._resolve_targets(model, config)
+            targets = self._find_targets(model, config)
+            for key, module in targets:  # validate every layer before touching any
+                self.layer_cls.check_target(module, config, key)
+            self.peft_config[adapter_name] = config
+            device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+            for key, module in targets:
+                with device_ctx:
+                    if isinstance(module, AdapterLayer):
+                        module.update_layer(adapter_name, config, key=key)
+                        updated.append(module)
+                    else:
+                        parent, attr = get_submodule_parent(model, key)
+                        new = self.layer_cls(module, adapter_name, config, key=key)
+                        setattr(parent, attr, new)
+                        created.append((parent, attr, module))
+                        module = new
+                module._move_adapter(adapter_name, autocast_adapter_dtype)
+            wrapped = self._wrap_modules_to_save(model, config, adapter_name)
+        except BaseException:
+            for parent, attr, original in created:
+                setattr(parent, attr, original)
+            for layer in updated:
+                layer.delete_adapter(adapter_name)
+            for parent, attr, original in wrapped:
+                setattr(parent, attr, original)
+            for wrapper in self._wrappers():
+                wrapper.delete_adapter(adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            config.__dict__.clear()
+            config.__dict__.update(saved_fields)
+            raise
+        self._freeze_base(model)
+        self.set_adapter(self.active_adapters)
+
+    def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> list:
+        """Wrap (or extend) every module named in ``modules_to_save``; PEFT matches by plain suffix."""
+        names = config.modules_to_save or []
+        new_wrappers = []
+        keys = [k for k, _ in model.named_modules()]
+        for key in keys:
+            if not key or not any(key.endswith(n) for n in names):
+                continue
+            if ".modules_to_save." in key or key.endswith(".original_module") or ".original_module." in key:
+                continue
+            target = model.get_submodule(key)
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+                continue
+            if isinstance(target, AdapterLayer):
+                raise ValueError(f"Module {key} is both adapted and listed in modules_to_save")
+            parent, attr = get_submodule_parent(model, key)
+            if isinstance(parent, ModulesToSaveWrapper):
+                continue
+            setattr(parent, attr, ModulesToSaveWrapper(target, adapter_name))
+            new_wrappers.append((parent, attr, target))
+        return new_wrappers
+
+    @staticmethod
+    def _freeze_base(model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, AdapterLayer):
+                module.base_layer.requires_grad_(False)
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.original_module.requires_grad_(False)
+        owned = set()
+        for module in model.modules():
+            if isinstance(module, AdapterLayer):
+                for attr in module.adapter_layer_names:
+                    owned.update(id(p) for p in getattr(module, attr).parameters())
+            elif isinstance(module, ModulesToSaveWrapper):
+                owned.update(id(p) for p in module.modules_to_save.parameters())
+        for p in model.parameters():
+            if id(p) not in owned:
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ adapter management
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one or several adapters; they train unless frozen, all others are frozen.
+
+        Raises:
+            ValueError: An unknown adapter name.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found.")
+        for w in self._wrappers():
+            w.set_adapter(names, inference_mode=inference_mode or self._frozen(names))
+        for _, layer in self.adapter_layers():
+            if layer.merged and set(layer.merged_adapters) != set(names):
+                logger.warning("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+            layer.set_adapter(names, inference_mode=inference_mode)
+            for name in names:
+                if self.peft_config[name].inference_mode:
+                    for _, p in layer.adapter_parameters(name):
+                        p.requires_grad_(False)
+        self._set_bias_trainable(names, inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def _frozen(self, names: list[str]) -> bool:
+        return all(self.peft_config[n].inference_mode for n in names) if names else True
+
+    def _set_bias_trainable(self, names: list[str], inference_mode: bool) -> None:
+        for name in names:
+            bias = self.peft_config[name].bias
+            train = not inference_mode and not self.peft_config[name].inference_mode
+            if bias == "all":
+                for pname, p in self.model.named_parameters():
+                    if (pname == "bias" or pname.endswith(".bias")) and ".original_module." not in pname:
+                        p.requires_grad_(train)
+            elif bias.endswith("_only"):
+                for _, layer in self.adapter_layers():
+                    if name in layer.adapter_names() and layer.bias is not None:
+                        layer.get_base_layer().bias.requires_grad_(train)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters' tensors and modules_to_save copies."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, layer in self.adapter_layers():
+            for name in names:
+                for _, p in layer.adapter_parameters(name):
+                    p.requires_grad_(requires_grad)
+        for w in self._wrappers():
+            for name in names:
+                if name in w.modules_to_save:
+                    w.modules_to_save[name].requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; if it was active the first remaining (sorted) name takes over.
+
+        Raises:
+            ValueError: Unknown name, or the adapter is merged (nothing is changed).
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        merged = [k for k, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"Adapter {adapter_name} is merged into {merged[0]}; unmerge it before deleting it")
+        del self.peft_config[adapter_name]
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        for w in self._wrappers():
+            w.delete_adapter(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
+            for _, layer in self.adapter_layers():
+                layer.set_adapter([])
+
+    def enable_adapter_layers(self) -> None:
+        """Turn every adapter layer and modules_to_save copy back on."""
+        self._set_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Bypass every adapter layer and modules_to_save copy (merged layers unmerge on next forward)."""
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                logger.warning(
+                    "Careful, disabling adapter layers with bias configured to be '%s' does not produce the "
+                    "same output as the base model would without adaption.", bias,
+                )
+        self._set_enabled(False)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for _, layer in self.adapter_layers():
+            layer.enable_adapters(enabled)
+        for w in self._wrappers():
+            w.enable_adapters(enabled)
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights in place, keeping the adapter tensors."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found.")
+        if layers and all(set(names) <= set(layer.merged_adapters) or not set(names) & set(layer.adapter_names())
+                          for layer in layers):
+            logger.warning("All adapters are already merged, nothing to do.")
+            return
+        self._merge_layers(layers, names, safe_merge, progressbar=False)
+
+    def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
+        done = []
+        try:
+            for layer in tqdm(layers, desc="Merging", disable=not progressbar):
+                before = list(layer.merged_adapters)
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                done.append((layer, before))
+        except ValueError:
+            for layer, before in reversed(done):  # a broken adapter leaves every weight as it was
+                while len(layer.merged_adapters) > len(before):
+                    layer.unmerge_last()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the base model with plain layers."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        layers = [layer for _, layer in self.adapter_layers()]
+        self._merge_layers(layers, names, safe_merge, progressbar)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged layers are unmerged first) and return the base model."""
+        self.unmerge_adapter()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        for key, layer in list(self.adapter_layers()):
+            parent, attr = get_submodule_parent(self.model, key)
+            setattr(parent, attr, layer.get_base_layer())
+        for key, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent, attr = get_submodule_parent(self.model, key)
+                setattr(parent, attr, module._active_module())
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
