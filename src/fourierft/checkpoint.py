@@ -89,11 +89,14 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for k in module.modules_to_save[adapter_name].state_dict():
                 mapping[f"{full}.{k}"] = (f"{full}.modules_to_save.{adapter_name}.{k}", True)
-    if config.bias == "all":
+    if config.bias == "all":  # PEFT saves every bias key, wrapper copies included, adapter name stripped
+        own = f".modules_to_save.{adapter_name}."
         for key in root.state_dict():
-            if (key == "bias" or key.endswith(".bias")) and ".modules_to_save." not in key \
-                    and ".original_module." not in key:
-                mapping.setdefault(prefix + key, (prefix + key, False))
+            if not (key == "bias" or key.endswith(".bias")):
+                continue
+            if ".modules_to_save." in key and own not in key:
+                continue
+            mapping.setdefault(prefix + key.replace(own, ".modules_to_save."), (prefix + key, False))
     return mapping
 
 

@@ -134,26 +134,33 @@ class AdapterLayer(nn.Module):
                 self._active_adapters = [self.adapter_names()[0]]
 
     # ------------------------------------------------------------------ merging
+    def _to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self._active_adapters if adapter_names is None else adapter_names
+        return [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
+
+    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Raise ``ValueError`` if merging ``adapter_names`` would give a non-finite weight; changes nothing."""
+        weight = self.get_base_layer().weight.data
+        for name in self._to_merge(adapter_names):
+            weight = self.merged_weight(name, weight)
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters into the base weight, in order.
 
         Args:
-            safe_merge: Compute into a copy and check it is finite before writing it.
+            safe_merge: First check that the merged weight is finite; if not, nothing is changed.
             adapter_names: Which adapters to merge; default the active ones.
 
         Raises:
             ValueError: ``safe_merge`` found NaN or Inf (the base weight is left untouched).
         """
-        names = self._active_adapters if adapter_names is None else adapter_names
-        names = [n for n in names if n in self.adapter_names() and n not in self.merged_adapters]
-        if not names:
-            return
+        if safe_merge:
+            self.check_merge(adapter_names)
         base = self.get_base_layer()
-        for name in names:
-            merged = self.merged_weight(name, base.weight.data)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base.weight.data = merged.to(base.weight.dtype)
+        for name in self._to_merge(adapter_names):
+            base.weight.data = self.merged_weight(name, base.weight.data).to(base.weight.dtype)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -220,6 +227,8 @@ class AdapterLayer(nn.Module):
             store = getattr(self, attr)
             if isinstance(store, BufferDict) and adapter_name in store:
                 store[adapter_name] = store[adapter_name].to(weight.device)
+            elif isinstance(store, nn.ModuleDict) and adapter_name in store:
+                store[adapter_name].to(weight.device)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"

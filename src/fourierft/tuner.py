@@ -370,17 +370,11 @@ class AdapterModel(nn.Module):
         self._merge_layers(layers, names, safe_merge, progressbar=False)
 
     def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
-        done = []
-        try:
-            for layer in tqdm(layers, desc="Merging", disable=not progressbar):
-                before = list(layer.merged_adapters)
-                layer.merge(safe_merge=safe_merge, adapter_names=names)
-                done.append((layer, before))
-        except ValueError:
-            for layer, before in reversed(done):  # a broken adapter leaves every weight as it was
-                while len(layer.merged_adapters) > len(before):
-                    layer.unmerge_last()
-            raise
+        if safe_merge:  # check every layer first, so that a broken adapter changes no weight at all
+            for layer in layers:
+                layer.check_merge(names)
+        for layer in tqdm(layers, desc="Merging", disable=not progressbar):
+            layer.merge(adapter_names=names)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge."""

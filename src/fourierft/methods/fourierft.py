@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import TunerConfig, register_config
-from ..layer import AdapterLayer, BufferDict
+from ..layer import AdapterLayer
 from ..ops import spectral
 from ..tuner import AdapterModel
 
@@ -112,12 +112,24 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
     return module.in_features, module.out_features, False
 
 
+class _PlanBuffers(nn.Module):
+    """A :class:`~fourierft.ops.spectral.SpectralPlan`'s tensors as non-persistent buffers (they follow ``.to``)."""
+
+    def __init__(self, plan: spectral.SpectralPlan) -> None:
+        super().__init__()
+        for name, tensor in spectral.plan_buffers(plan).items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def plan(self, d_out: int, d_in: int) -> spectral.SpectralPlan:
+        return spectral.plan_from_buffers(dict(self.named_buffers()), d_out, d_in)
+
+
 class FourierFTLinear(AdapterLayer):
     """FourierFT on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
 
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
-                         "fourierft_indices")
+                         "fourierft_plans")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -133,7 +145,7 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency: dict[str, int] = {}
         self.fourierft_scaling: dict[str, float] = {}
         self.fourierft_random_loc_seed: dict[str, int] = {}
-        self.fourierft_indices = BufferDict()
+        self.fourierft_plans = nn.ModuleDict()  # per adapter: gather/scatter positions, never saved
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -163,15 +175,26 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency[adapter_name] = n
         self.fourierft_scaling[adapter_name] = float(config.scaling)
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
-        self.fourierft_indices[adapter_name] = indices.to(self.get_base_layer().weight.device)
+        self.fourierft_plans[adapter_name] = _PlanBuffers(
+            spectral.make_spectral_plan(indices, d_out, d_in, device=self.get_base_layer().weight.device)
+        )
+
+    def plan(self, adapter_name: str) -> spectral.SpectralPlan:
+        """The adapter's precomputed gather/scatter plan (on the layer's device)."""
+        return self.fourierft_plans[adapter_name].plan(self.out_features, self.in_features)
+
+    @property
+    def indices(self) -> dict[str, torch.Tensor]:
+        """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter."""
+        return {name: module.indices for name, module in self.fourierft_plans.items()}
 
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
-        return [self.fourierft_indices[adapter_name]]
+        return [self.fourierft_plans[adapter_name].indices]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` (used for merging only)."""
         return spectral.dense_delta_weight(
-            self.fourierft_spectrum[adapter_name], self.fourierft_indices[adapter_name],
+            self.fourierft_spectrum[adapter_name], self.fourierft_plans[adapter_name].indices,
             self.out_features, self.in_features, self.fourierft_scaling[adapter_name],
         )
 
@@ -190,7 +213,7 @@ class FourierFTLinear(AdapterLayer):
         return spectral.spectral_apply(
             x,
             [self.fourierft_spectrum[n] for n in adapter_names],
-            [self.fourierft_indices[n] for n in adapter_names],
+            [self.plan(n) for n in adapter_names],
             [self.fourierft_scaling[n] for n in adapter_names],
             self.out_features,
         )

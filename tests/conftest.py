@@ -1,0 +1,110 @@
+"""Tiny models built from configs (random weights, no downloads) and their inputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 97
+
+
+class MLP(nn.Module):
+    """PEFT's test MLP shape: lin0 10->20, relu, lin1 20->2."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 2, bias=bias)
+
+    def forward(self, X):
+        return self.lin1(self.relu(self.lin0(X.float())))
+
+
+def make_mlp():
+    return MLP()
+
+
+def make_bert_cls(num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=num_labels, max_position_embeddings=64)
+    return BertForSequenceClassification(cfg)
+
+
+def make_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg)
+
+
+def make_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def make_llama_cls():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=2,
+                      pad_token_id=0)
+    return LlamaForSequenceClassification(cfg)
+
+
+def make_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg)
+
+
+MODELS = {
+    "mlp": make_mlp,
+    "bert": make_bert_cls,
+    "gpt2": make_gpt2,
+    "llama": make_llama,
+    "llama_cls": make_llama_cls,
+    "t5": make_t5,
+}
+
+
+def make_inputs(kind: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        return {"X": torch.randn(9, 10, generator=g)}
+    ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "t5":
+        inputs["decoder_input_ids"] = torch.randint(1, VOCAB, (2, 5), generator=g)
+    return inputs
+
+
+def model_output(model, kind: str, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return MODELS[kind]().eval()
+
+
+@pytest.fixture
+def tmp_dir(tmp_path):
+    return str(tmp_path)
