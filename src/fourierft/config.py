@@ -136,12 +136,11 @@ class PeftConfig:
         return out
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (``inference_mode`` stored as true)."""
+        """Write ``adapter_config.json`` into ``save_directory``."""
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
-        data["inference_mode"] = True
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
             fh.write(json.dumps(data, indent=2, sort_keys=True))
 
