@@ -6,6 +6,15 @@ Switch from PEFT by changing one import line::
 """
 
 from ._version import __version__
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .checkpoint import CheckpointError, get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -24,6 +33,13 @@ from .peft_model import (
 
 __all__ = [
     "__version__",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "AdapterLayer",
     "CheckpointError",
     "FourierFTConfig",

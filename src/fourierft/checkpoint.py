@@ -246,7 +246,7 @@ def derived_fingerprint(model: nn.Module, adapter_name: str) -> Optional[str]:
     root, _ = _tuner_root(model)
     digest, seen = hashlib.sha256(), False
     for path, module in root.named_modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
             for tensor in module.derived_tensors(adapter_name):
                 seen = True
                 digest.update(path.encode())

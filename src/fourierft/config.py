@@ -167,7 +167,10 @@ class PeftConfig:
             logger.warning(
                 "Unexpected keyword arguments %s for class %s, these are ignored.", unknown, target.__name__
             )
-        return target(**{k: v for k, v in data.items() if k in names})
+        config = target(**{k: v for k, v in data.items() if k in names})
+        # files from peft <= 0.20 carry no peft_version; they omitted heads and biases (see checkpoint.py)
+        config._legacy_format = "peft_version" not in data
+        return config
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:

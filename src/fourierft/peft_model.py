@@ -310,6 +310,8 @@ class PeftModel(nn.Module):
 
 def _is_legacy(config: PeftConfig) -> bool:
     """True for files written by PEFT <= 0.20, which omitted heads and biases."""
+    if getattr(config, "_legacy_format", False):
+        return True
     version = (config.peft_version or "0").split("+")[0].split("@")[0]
     try:
         major, minor = (int(p) for p in version.split(".")[:2])

@@ -163,11 +163,14 @@ class FourierFTLinear(AdapterLayer):
         n = config.n_frequency_for(key)
         self.check_target(self, config, key)
         d_out, d_in = self.out_features, self.in_features
-        if config.frequency_band is None:
-            indices = spectral.frequency_indices(d_out, d_in, n, config.random_loc_seed)
-        else:
-            center, width = config.frequency_band
-            indices = spectral.band_frequency_indices(d_out, d_in, n, config.random_loc_seed, center, width)
+        device = self.get_base_layer().weight.device
+        with torch.device("cpu"):  # positions are real data even when the adapter is created on meta
+            if config.frequency_band is None:
+                indices = spectral.frequency_indices(d_out, d_in, n, config.random_loc_seed)
+            else:
+                center, width = config.frequency_band
+                indices = spectral.band_frequency_indices(d_out, d_in, n, config.random_loc_seed, center, width)
+            plan = spectral.make_spectral_plan(indices, d_out, d_in)
         spectrum = torch.randn(n)  # drawn even when zeroed below, to keep PEFT's RNG stream
         if config.init_weights:
             spectrum = torch.zeros_like(spectrum)
@@ -175,9 +178,7 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency[adapter_name] = n
         self.fourierft_scaling[adapter_name] = float(config.scaling)
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
-        self.fourierft_plans[adapter_name] = _PlanBuffers(
-            spectral.make_spectral_plan(indices, d_out, d_in, device=self.get_base_layer().weight.device)
-        )
+        self.fourierft_plans[adapter_name] = _PlanBuffers(plan.to(device if device.type != "meta" else "cpu"))
 
     def plan(self, adapter_name: str) -> spectral.SpectralPlan:
         """The adapter's precomputed gather/scatter plan (on the layer's device)."""

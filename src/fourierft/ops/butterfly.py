@@ -303,7 +303,8 @@ def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
     n = num * size
     tile = torch.eye(width, dtype=q.dtype, device=q.device).repeat(1, n // width)
     plan = _butterfly_plan(n, num, size, m, q.device)[0]
-    return _rotate_by_factors(tile, q, plan).view(width, n // width, width).transpose(0, 1)
+    blocks = _rotate_by_factors(tile, q, plan).view(width, n // width, width).transpose(0, 1)
+    return blocks.contiguous()  # strided batch operands make CPU bmm copy matrix by matrix
 
 
 def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpose: bool) -> torch.Tensor:
