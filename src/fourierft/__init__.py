@@ -18,7 +18,7 @@ from .auto import (
 from .checkpoint import CheckpointError, get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .layer import AdapterLayer, ModulesToSaveWrapper
-from .methods import FourierFTConfig, FourierFTLinear, FourierFTModel
+from .methods import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTLinear, FourierFTModel
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -41,6 +41,10 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdapterLayer",
+    "BOFTConfig",
+    "BOFTConv2d",
+    "BOFTLinear",
+    "BOFTModel",
     "CheckpointError",
     "FourierFTConfig",
     "FourierFTLinear",

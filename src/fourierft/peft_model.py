@@ -257,12 +257,13 @@ class PeftModel(nn.Module):
 
         config = load_config(model_id, config, **kwargs)
         config.inference_mode = not is_trainable
+        weights = _read_weights(model_id, config, **kwargs)  # before touching the model
         target_cls = task_class(config.task_type) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         try:
-            peft_model._load_weights(model_id, adapter_name, low_cpu_mem_usage, config, **kwargs)
+            peft_model._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
         except BaseException:
-            peft_model.base_model.unload()
+            peft_model.base_model.restore_base_model()
             raise
         if not is_trainable:
             peft_model.eval()
@@ -284,9 +285,10 @@ class PeftModel(nn.Module):
 
         config = load_config(model_id, kwargs.pop("config", None), **kwargs)
         config.inference_mode = not is_trainable
+        weights = _read_weights(model_id, config, **kwargs)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
-            result = self._load_weights(model_id, adapter_name, low_cpu_mem_usage, config, **kwargs)
+            result = self._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
         except BaseException:
             self.base_model.delete_adapter(adapter_name)
             raise
@@ -297,15 +299,23 @@ class PeftModel(nn.Module):
             self.eval()
         return result
 
-    def _load_weights(self, model_id: str, adapter_name: str, low_cpu_mem_usage: bool, config, **kwargs):
-        from .io import load_weights_file
-
-        tensors, metadata = load_weights_file(model_id, **kwargs)
+    def _load_weights(self, weights: tuple[dict, dict], adapter_name: str, low_cpu_mem_usage: bool, config,
+                      **kwargs):
+        tensors, metadata = weights
         return ckpt.set_peft_model_state_dict(
             self, tensors, adapter_name, ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
             low_cpu_mem_usage=low_cpu_mem_usage, legacy_ok=_is_legacy(config),
             fingerprint=metadata.get(ckpt.FINGERPRINT_KEY),
         )
+
+
+def _read_weights(model_id: str, config: PeftConfig, **kwargs) -> tuple[dict, dict]:
+    """Read the weights file and let the method adapt the config to it (e.g. BOFT's factor count)."""
+    from .io import load_weights_file
+
+    tensors, metadata = load_weights_file(model_id, **kwargs)
+    _tuner_class(config).config_from_weights(config, tensors)
+    return tensors, metadata
 
 
 def _is_legacy(config: PeftConfig) -> bool:

@@ -31,8 +31,6 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-    # Not in PEFT's table; added because the BOFT guide's example (DINOv2) needs no explicit list there.
-    "dinov2": ["query", "value"],
 }
 
 

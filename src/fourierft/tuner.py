@@ -79,6 +79,15 @@ class AdapterModel(nn.Module):
             self.inject_adapter(self.model, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
         self.model.peft_config = self.peft_config
 
+    @classmethod
+    def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
+        """The adapter layer class that wraps ``module`` (a method with several layer types overrides this)."""
+        return cls.layer_cls
+
+    @staticmethod
+    def config_from_weights(config, tensors: dict) -> None:
+        """Adjust a loaded config to the weights file before injection (default: nothing to adjust)."""
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -182,7 +191,7 @@ class AdapterModel(nn.Module):
             self._resolve_targets(model, config)
             targets = self._find_targets(model, config)
             for key, module in targets:  # validate every layer before touching any
-                self.layer_cls.check_target(module, config, key)
+                self.layer_class_for(module).check_target(module, config, key)
             self.peft_config[adapter_name] = config
             device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
             for key, module in targets:
@@ -192,7 +201,7 @@ class AdapterModel(nn.Module):
                         updated.append(module)
                     else:
                         parent, attr = get_submodule_parent(model, key)
-                        new = self.layer_cls(module, adapter_name, config, key=key)
+                        new = self.layer_class_for(module)(module, adapter_name, config, key=key)
                         setattr(parent, attr, new)
                         created.append((parent, attr, module))
                         module = new
@@ -395,14 +404,19 @@ class AdapterModel(nn.Module):
         self.unmerge_adapter()
         return self._unload()
 
-    def _unload(self) -> nn.Module:
+    def restore_base_model(self) -> nn.Module:
+        """Put every original module back (heads included, unlike :meth:`unload`): undoes the injection."""
+        self.unmerge_adapter()
+        return self._unload(use_original=True)
+
+    def _unload(self, use_original: bool = False) -> nn.Module:
         for key, layer in list(self.adapter_layers()):
             parent, attr = get_submodule_parent(self.model, key)
             setattr(parent, attr, layer.get_base_layer())
         for key, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 parent, attr = get_submodule_parent(self.model, key)
-                setattr(parent, attr, module._active_module())
+                setattr(parent, attr, module.original_module if use_original else module._active_module())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

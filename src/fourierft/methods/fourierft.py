@@ -199,15 +199,17 @@ class FourierFTLinear(AdapterLayer):
             self.out_features, self.in_features, self.fourierft_scaling[adapter_name],
         )
 
-    def _oriented_delta(self, adapter_name: str) -> torch.Tensor:
-        delta = self.get_delta_weight(adapter_name).float()
+    def _oriented_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(weight.device, torch.promote_types(weight.dtype, torch.float32))
         return delta.T if self.fan_in_fan_out else delta
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() + self._oriented_delta(adapter_name).to(weight.device)).to(weight.dtype)
+        delta = self._oriented_delta(adapter_name, weight)
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() - self._oriented_delta(adapter_name).to(weight.device)).to(weight.dtype)
+        delta = self._oriented_delta(adapter_name, weight)
+        return (weight.to(delta.dtype) - delta).to(weight.dtype)
 
     def delta_output(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """``x @ (sum of the adapters' dW)^T`` without building any ``dW`` (one shared FFT of ``x``)."""

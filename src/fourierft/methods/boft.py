@@ -1,0 +1,235 @@
+r"""BOFT (Liu et al., ICLR 2024): orthogonal butterfly fine-tuning.
+
+The weight is rotated by a product of ``m`` butterfly factors and rescaled per output:
+
+.. math::
+
+    W' = \mathrm{diag}(s)\, W M^\top, \quad M = B_{m-1} \cdots B_0, \quad
+    B_i = P_i\, \mathrm{blockdiag}(Q_{i,1}, \dots, Q_{i,N})\, P_i^\top, \quad Q = (I - S)(I + S)^{-1},
+
+with :math:`S = (R - R^\top)/2` (Cayley, so every block is orthogonal and ``R = 0`` gives the identity).
+For a Linear layer the rotation is applied to the activations, ``y = s * (base(x M) - b) + b``, as ``m``
+gathers and ``m`` small batched matmuls (:mod:`fourierft.ops.butterfly`); no ``n x n`` matrix is built.
+A Conv2d rotates its flattened ``(out, in * kh * kw)`` weight instead (the unfolded activations would be
+larger) and then runs the base convolution with all its settings (stride, padding, dilation, mode).
+
+Unlike PEFT without its CUDA extension, ``boft_n_butterfly_factor`` is always honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from ..config import TunerConfig, register_config
+from ..layer import AdapterLayer
+from ..ops import butterfly
+from ..tuner import AdapterModel
+
+logger = logging.getLogger(__name__)
+
+
+@register_config
+@dataclasses.dataclass
+class BOFTConfig(TunerConfig):
+    """Configuration of a BOFT adapter (PEFT's fields and defaults).
+
+    Args:
+        boft_block_size: Size ``b`` of each orthogonal block; ``n`` must be divisible by it.
+        boft_block_num: Number ``N`` of blocks instead (``n = N * b``). Give one of the two. Passing only
+            ``boft_block_num`` works here (PEFT rejects it because the size defaults to 4).
+        boft_n_butterfly_factor: Number ``m`` of butterfly factors (1 = block diagonal, as in OFT).
+        boft_dropout: Multiplicative dropout: in training, ``int(p * N)`` blocks of one random factor
+            are replaced by the identity (PEFT's semantics; ``p * N < 1`` drops nothing).
+        bias: ``"none"``, ``"all"`` or ``"boft_only"``.
+        init_weights: ``True`` (default) starts from the identity rotation and unit scale; ``False``
+            draws ``R ~ N(0, 0.1)`` and ``s ~ N(1, 0.1)``.
+    """
+
+    PEFT_TYPE = "BOFT"
+
+    boft_block_size: int = 4
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1
+    boft_dropout: float = 0.0
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("boft_block_size", "boft_block_num"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.boft_block_size and self.boft_block_num:
+            if self.boft_block_size != 4:
+                raise ValueError(
+                    f"Set either boft_block_size or boft_block_num, not both (got {self.boft_block_size} and "
+                    f"{self.boft_block_num}); the other is derived from the layer width"
+                )
+            self.boft_block_size = 0  # only the number was given; 4 is the default size
+        if not self.boft_block_size and not self.boft_block_num:
+            raise ValueError("Set boft_block_size or boft_block_num to a positive value")
+        m = self.boft_n_butterfly_factor
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"boft_n_butterfly_factor must be an int >= 1, got {m!r}")
+        p = self.boft_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"boft_dropout must be in [0, 1), got {p!r}")
+
+
+def _width(module: nn.Module) -> int:
+    """``n``: features the rotation acts on (Conv2d: ``in_channels * kh * kw``)."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight[0].numel()
+    return module.in_features
+
+
+class _BOFTLayer(AdapterLayer):
+    """Shared BOFT state and maths; subclasses say how the rotation reaches the output."""
+
+    adapter_layer_names = ("boft_R", "boft_s")
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
+        super().__init__(base_layer)
+        self.boft_R = nn.ParameterDict()
+        self.boft_s = nn.ParameterDict()
+        self.boft_block_size: dict[str, int] = {}
+        self.boft_block_num: dict[str, int] = {}
+        self.boft_dropout: dict[str, float] = {}
+        self.boft_n_butterfly_factor: dict[str, int] = {}
+        self.update_layer(adapter_name, config, key=key)
+
+    @classmethod
+    def check_target(cls, module: nn.Module, config: BOFTConfig, key: str) -> tuple[int, int]:
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise ValueError(f"BOFT does not support grouped convolutions: {key} has groups={base.groups}")
+        try:
+            return butterfly.block_geometry(_width(base), config.boft_block_size, config.boft_block_num,
+                                            config.boft_n_butterfly_factor)
+        except ValueError as err:
+            raise ValueError(f"Layer {key}: {err}") from err
+
+    def update_layer(self, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
+        """Create ``boft_R`` ``(m, N, b, b)`` and ``boft_s``; with ``init_weights=False`` draw R then s (PEFT's order)."""
+        size, num = self.check_target(self, config, key)
+        m = config.boft_n_butterfly_factor
+        out = self.get_base_layer().weight.shape[0]
+        R = torch.zeros(m, num, size, size)
+        s = torch.ones(self.scale_shape(out))
+        if not config.init_weights:
+            nn.init.normal_(R, mean=0.0, std=0.1)
+            nn.init.normal_(s, mean=1.0, std=0.1)
+        self.boft_R[adapter_name] = nn.Parameter(R)
+        self.boft_s[adapter_name] = nn.Parameter(s)
+        self.boft_block_size[adapter_name] = size
+        self.boft_block_num[adapter_name] = num
+        self.boft_dropout[adapter_name] = float(config.boft_dropout)
+        self.boft_n_butterfly_factor[adapter_name] = m
+
+    @staticmethod
+    def scale_shape(out: int) -> tuple[int, int]:
+        return (out, 1)
+
+    def _scale(self, adapter_name: str) -> torch.Tensor:
+        """``s`` as a vector of length ``out``."""
+        return self.boft_s[adapter_name].reshape(-1)
+
+    def rotation_blocks(self, adapter_name: str, dropout: bool = False) -> torch.Tensor:
+        """Orthogonal blocks ``Q = cayley(R)`` (float32 or wider), with multiplicative dropout if asked."""
+        q = butterfly.cayley(self.boft_R[adapter_name])
+        if dropout:
+            q = butterfly.multiplicative_dropout(q, self.boft_dropout[adapter_name], self.training)
+        return q
+
+    def rotated_weight(self, adapter_names: list[str], weight: torch.Tensor, dropout: bool) -> torch.Tensor:
+        """``diag(s) W M^T`` for the adapters in order (the weight flattened to ``(out, n)``), >= float32."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        flat = weight.reshape(weight.shape[0], -1).to(dtype)
+        for name in adapter_names:
+            q = self.rotation_blocks(name, dropout)
+            flat = butterfly.rotate_transpose(flat, q.to(dtype)) * self._scale(name).to(dtype)[:, None]
+        return flat.reshape(weight.shape)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self.rotated_weight([adapter_name], weight, dropout=False).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        flat = weight.reshape(weight.shape[0], -1).to(dtype) / self._scale(adapter_name).to(dtype)[:, None]
+        flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype))
+        return flat.reshape(weight.shape).to(weight.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's return value: the dense rotation ``M`` ``(n, n)`` and the scale ``s`` (merging only)."""
+        return butterfly.dense_rotation(self.rotation_blocks(adapter_name)), self.boft_s[adapter_name]
+
+    def __repr__(self) -> str:
+        return "boft." + super().__repr__()
+
+
+class BOFTLinear(_BOFTLayer):
+    """BOFT on ``nn.Linear``: ``y = s * (base(x M) - b) + b``, the rotation applied to the activations."""
+
+    def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        z = x
+        scale = None
+        for name in reversed(adapter_names):  # x M_k ... M_1, which equals merging adapter 1 first
+            q = self.rotation_blocks(name, dropout=True)
+            z = butterfly.rotate(z, q.to(x.dtype))
+        for name in adapter_names:
+            s = self._scale(name)
+            scale = s if scale is None else scale * s
+        y = self.base_layer(z, *args, **kwargs)
+        scale = scale.to(y.dtype)
+        if base.bias is None:
+            return y * scale
+        return (y - base.bias) * scale + base.bias
+
+
+class BOFTConv2d(_BOFTLayer):
+    """BOFT on ``nn.Conv2d`` (any kernel shape, stride, dilation, padding and padding mode; ``groups=1``)."""
+
+    @staticmethod
+    def scale_shape(out: int) -> tuple[int, int]:
+        return (1, out)
+
+    def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = self.rotated_weight(adapter_names, base.weight, dropout=True).to(base.weight.dtype)
+        return base._conv_forward(x, weight, base.bias)
+
+
+class BOFTModel(AdapterModel):
+    """Injects BOFT layers into ``nn.Linear`` and ``nn.Conv2d`` modules (PEFT's ``BOFTModel``)."""
+
+    peft_type = "BOFT"
+    prefix = "boft_"
+    layer_cls = BOFTLinear
+    target_types = (nn.Linear, nn.Conv2d)
+
+    @classmethod
+    def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        return BOFTConv2d if isinstance(base, nn.Conv2d) else BOFTLinear
+
+    @staticmethod
+    def config_from_weights(config: BOFTConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the number of butterfly factors from the file's ``boft_R`` (PEFT on CPU saves 1 whatever
+        the config says); a file with inconsistent counts is rejected."""
+        counts = {t.shape[0] for k, t in tensors.items() if k.endswith(".boft_R") and t.dim() == 4}
+        if len(counts) > 1:
+            raise ValueError(f"The adapter file mixes boft_R tensors with {sorted(counts)} butterfly factors")
+        if counts and counts != {config.boft_n_butterfly_factor}:
+            (m,) = counts
+            logger.warning(
+                "adapter_config.json says boft_n_butterfly_factor=%d but the weights hold %d factor(s) "
+                "(PEFT without its CUDA extension silently uses 1); using %d.",
+                config.boft_n_butterfly_factor, m, m,
+            )
+            config.boft_n_butterfly_factor = m
