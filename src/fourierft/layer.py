@@ -16,8 +16,9 @@ subclass supplies four things:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +66,8 @@ class AdapterLayer(nn.Module):
         self._active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
+        #: Per-sample adapter names during a mixed-adapter batch (set by the tuner, else ``None``).
+        self.sample_adapters: Optional[list[str]] = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -180,6 +183,11 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.sample_adapters is not None:
+            groups = sample_groups(self.sample_adapters, x.shape[0] if x.dim() else 0, self.adapter_names(), x.device)
+            if groups:
+                return self.mixed_forward(x, groups, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         names = [n for n in self._active_adapters if n in self.adapter_names()]
@@ -201,6 +209,15 @@ class AdapterLayer(nn.Module):
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """Output for a batch whose samples use different adapters: ``groups`` maps an adapter name to
+        the sample indices using it; the other samples get the base output. This generic version runs
+        each group separately; methods override it to share the base computation."""
+        out = self.base_layer(x, *args, **kwargs)
+        for name, index in groups.items():
+            out = out.index_copy(0, index, self.adapter_forward(x[index], [name], *args, **kwargs).to(out.dtype))
+        return out
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -234,6 +251,39 @@ class AdapterLayer(nn.Module):
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"
 
 
+BASE_ADAPTER_NAME = "__base__"
+
+
+def sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str],
+                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Cached :func:`_sample_groups` (the same batch layout is looked up by every layer)."""
+    return _cached_groups(tuple(sample_adapters), batch, tuple(available), str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_groups(names: tuple, batch: int, available: tuple, device: str) -> dict[str, torch.Tensor]:
+    groups = _sample_groups(names, batch, available)
+    return {k: v.to(device) for k, v in groups.items()}
+
+
+def _sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Sample indices per adapter for a mixed batch; samples naming ``__base__`` or an adapter this layer
+    does not hold use the base layer. Beam search repeats each sample ``k`` times: names are repeated alike.
+
+    Raises:
+        ValueError: The batch size is not a multiple of the number of names.
+    """
+    names = list(sample_adapters)
+    if not names or batch % len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} samples")
+    repeat = batch // len(names)
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name in available:
+            groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
+    return {name: torch.tensor(index, dtype=torch.long) for name, index in groups.items()}
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and a trainable deep copy per adapter (``modules_to_save``)."""
 
@@ -243,6 +293,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self._active_adapter: Optional[str] = None
         self._disable_adapters = False
+        self.sample_adapters: Optional[list[str]] = None
         self.update(adapter_name)
         self.set_adapter(adapter_name)
 
@@ -289,7 +340,15 @@ class ModulesToSaveWrapper(nn.Module):
             self._active_adapter = remaining[0] if remaining else None
 
     def forward(self, *args, **kwargs):
-        return self._active_module()(*args, **kwargs)
+        if self.sample_adapters is None or self._disable_adapters or not args:
+            return self._active_module()(*args, **kwargs)
+        x = args[0]
+        groups = sample_groups(self.sample_adapters, x.shape[0], list(self.modules_to_save.keys()), x.device)
+        out = self.original_module(*args, **kwargs)
+        for name, index in groups.items():
+            part = self.modules_to_save[name](x[index], *args[1:], **kwargs)
+            out = out.index_copy(0, index, part.to(out.dtype))
+        return out
 
     def __getattr__(self, name: str):
         try:

@@ -355,9 +355,15 @@ class PeftModelForFeatureExtraction(PeftModel):
 class PeftModelForCausalLM(PeftModel):
     """Causal language modelling, with ``generate``."""
 
-    def generate(self, *args, **kwargs):
-        """Generate with the adapted model (arguments as the base model's ``generate``)."""
-        return self.get_base_model().generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """Generate with the adapted model (arguments as the base model's ``generate``).
+
+        Args:
+            adapter_names: Optional adapter per sample (``"__base__"`` for none), to serve many adapters in
+                one batch.
+        """
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
 from .targets import is_excluded, is_target, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,40 @@ class AdapterModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """Run the model; ``adapter_names`` (one per sample, ``"__base__"`` for none) mixes adapters in a batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Optional[list[str]]):
+        """Within this context, sample ``i`` of every batch uses adapter ``adapter_names[i]``.
+
+        Raises:
+            ValueError: An unknown name, or adapters are merged (their change is already in the weights).
+        """
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER_NAME})
+        if unknown:
+            raise ValueError(f"Unknown adapter names {unknown}; known: {sorted(self.peft_config)} and "
+                             f"'{BASE_ADAPTER_NAME}' for the base model")
+        modules = [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        if any(isinstance(m, AdapterLayer) and m.merged for m in modules):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters; unmerge them first")
+        names = list(adapter_names)
+        for m in modules:
+            m.sample_adapters = names
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.sample_adapters = None
 
     # ------------------------------------------------------------------ introspection
     @property

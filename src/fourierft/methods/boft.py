@@ -192,6 +192,23 @@ class BOFTLinear(_BOFTLayer):
         return (y - base.bias) * scale + base.bias
 
 
+    def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """Each group's samples rotated by its adapter, one base matmul, then per-sample scales."""
+        base = self.get_base_layer()
+        z = x
+        scale = torch.ones(x.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
+        for name, index in groups.items():
+            q = self.rotation_blocks(name, dropout=True)
+            z = z.index_copy(0, index, butterfly.rotate(x[index], q.to(x.dtype)))
+            s = self._scale(name).to(x.dtype).expand(index.numel(), -1)
+            scale = scale.index_copy(0, index, s)
+        y = self.base_layer(z, *args, **kwargs)
+        scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), scale.shape[1]).to(y.dtype)
+        if base.bias is None:
+            return y * scale
+        return (y - base.bias) * scale + base.bias
+
+
 class BOFTConv2d(_BOFTLayer):
     """BOFT on ``nn.Conv2d`` (any kernel shape, stride, dilation, padding and padding mode; ``groups=1``)."""
 

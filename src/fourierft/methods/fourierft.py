@@ -225,6 +225,13 @@ class FourierFTLinear(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         return result + self.delta_output(x, adapter_names).to(result.dtype)
 
+    def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """One base matmul for the whole batch, then each adapter's change added to its own samples."""
+        out = self.base_layer(x, *args, **kwargs)
+        for name, index in groups.items():
+            out = out.index_add(0, index, self.delta_output(x[index], [name]).to(out.dtype))
+        return out
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
