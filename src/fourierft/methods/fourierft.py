@@ -16,6 +16,7 @@ builds the ``d_out x d_in`` matrix; merging adds the dense :math:`\Delta W` once
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from typing import Optional
@@ -112,16 +113,33 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
     return module.in_features, module.out_features, False
 
 
-class _PlanBuffers(nn.Module):
-    """A :class:`~fourierft.ops.spectral.SpectralPlan`'s tensors as non-persistent buffers (they follow ``.to``)."""
+PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
 
-    def __init__(self, plan: spectral.SpectralPlan) -> None:
-        super().__init__()
-        for name, tensor in spectral.plan_buffers(plan).items():
-            self.register_buffer(name, tensor, persistent=False)
 
-    def plan(self, d_out: int, d_in: int) -> spectral.SpectralPlan:
-        return spectral.plan_from_buffers(dict(self.named_buffers()), d_out, d_in)
+@functools.lru_cache(maxsize=None)
+def frequency_positions(key: PlanKey) -> torch.Tensor:
+    """``(2, n)`` positions of ``key`` (PEFT's ``randperm`` draw, or the band-biased one), on the CPU."""
+    d_out, d_in, n, seed, band = key
+    with torch.device("cpu"):  # real data even while adapters are being created on the meta device
+        if band is None:
+            return spectral.frequency_indices(d_out, d_in, n, seed)
+        return spectral.band_frequency_indices(d_out, d_in, n, seed, band[0], band[1])
+
+
+_PLANS: dict[tuple, spectral.SpectralPlan] = {}
+
+
+def shared_plan(key: PlanKey, device: torch.device) -> spectral.SpectralPlan:
+    """The gather/scatter plan of ``key`` on ``device``, built once and shared by every layer and adapter
+    with the same shape, count and seed (PEFT uses one seed for all layers, so usually one per shape).
+    An adapter's own memory is then just its ``n`` coefficients."""
+    cache_key = (key, str(device))
+    plan = _PLANS.get(cache_key)
+    if plan is None:
+        with torch.device("cpu"):
+            plan = spectral.make_spectral_plan(frequency_positions(key), key[0], key[1])
+        plan = _PLANS[cache_key] = plan.to(device)
+    return plan
 
 
 class FourierFTLinear(AdapterLayer):
@@ -129,7 +147,7 @@ class FourierFTLinear(AdapterLayer):
 
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
-                         "fourierft_plans")
+                         "fourierft_plan_key")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -145,7 +163,7 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency: dict[str, int] = {}
         self.fourierft_scaling: dict[str, float] = {}
         self.fourierft_random_loc_seed: dict[str, int] = {}
-        self.fourierft_plans = nn.ModuleDict()  # per adapter: gather/scatter positions, never saved
+        self.fourierft_plan_key: dict[str, PlanKey] = {}  # positions are rebuilt from these, never saved
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -162,15 +180,9 @@ class FourierFTLinear(AdapterLayer):
         """Create adapter ``adapter_name``: frequencies from the seed, then ``torch.randn(n)`` (PEFT's draw)."""
         n = config.n_frequency_for(key)
         self.check_target(self, config, key)
-        d_out, d_in = self.out_features, self.in_features
-        device = self.get_base_layer().weight.device
-        with torch.device("cpu"):  # positions are real data even when the adapter is created on meta
-            if config.frequency_band is None:
-                indices = spectral.frequency_indices(d_out, d_in, n, config.random_loc_seed)
-            else:
-                center, width = config.frequency_band
-                indices = spectral.band_frequency_indices(d_out, d_in, n, config.random_loc_seed, center, width)
-            plan = spectral.make_spectral_plan(indices, d_out, d_in)
+        band = tuple(config.frequency_band) if config.frequency_band is not None else None
+        key = (self.out_features, self.in_features, n, config.random_loc_seed, band)
+        frequency_positions(key)  # computed now: a bad value fails before anything is created
         spectrum = torch.randn(n)  # drawn even when zeroed below, to keep PEFT's RNG stream
         if config.init_weights:
             spectrum = torch.zeros_like(spectrum)
@@ -178,24 +190,24 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_n_frequency[adapter_name] = n
         self.fourierft_scaling[adapter_name] = float(config.scaling)
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
-        self.fourierft_plans[adapter_name] = _PlanBuffers(plan.to(device if device.type != "meta" else "cpu"))
+        self.fourierft_plan_key[adapter_name] = key
 
     def plan(self, adapter_name: str) -> spectral.SpectralPlan:
-        """The adapter's precomputed gather/scatter plan (on the layer's device)."""
-        return self.fourierft_plans[adapter_name].plan(self.out_features, self.in_features)
+        """The adapter's gather/scatter plan on the adapter's device (cached, shared across layers)."""
+        return shared_plan(self.fourierft_plan_key[adapter_name], self.fourierft_spectrum[adapter_name].device)
 
     @property
     def indices(self) -> dict[str, torch.Tensor]:
         """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter."""
-        return {name: module.indices for name, module in self.fourierft_plans.items()}
+        return {name: frequency_positions(key) for name, key in self.fourierft_plan_key.items()}
 
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
-        return [self.fourierft_plans[adapter_name].indices]
+        return [frequency_positions(self.fourierft_plan_key[adapter_name])]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` (used for merging only)."""
         return spectral.dense_delta_weight(
-            self.fourierft_spectrum[adapter_name], self.fourierft_plans[adapter_name].indices,
+            self.fourierft_spectrum[adapter_name], self.plan(adapter_name).indices,
             self.out_features, self.in_features, self.fourierft_scaling[adapter_name],
         )
 
