@@ -91,7 +91,8 @@ class _BOFTLayer(AdapterLayer):
     """Shared BOFT state and maths; subclasses say how the rotation reaches the output."""
 
     adapter_layer_names = ("boft_R", "boft_s")
-    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor")
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor",
+                         "_cayley_cache")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -101,6 +102,7 @@ class _BOFTLayer(AdapterLayer):
         self.boft_block_num: dict[str, int] = {}
         self.boft_dropout: dict[str, float] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
+        self._cayley_cache: dict[str, tuple] = {}
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -140,8 +142,18 @@ class _BOFTLayer(AdapterLayer):
         return self.boft_s[adapter_name].reshape(-1)
 
     def rotation_blocks(self, adapter_name: str, dropout: bool = False) -> torch.Tensor:
-        """Orthogonal blocks ``Q = cayley(R)`` (float32 or wider), with multiplicative dropout if asked."""
-        q = butterfly.cayley(self.boft_R[adapter_name])
+        """Orthogonal blocks ``Q = cayley(R)`` (float32 or wider), with multiplicative dropout if asked.
+
+        Without autograd (inference) ``Q`` is cached until ``R`` changes (its version counter moves)."""
+        R = self.boft_R[adapter_name]
+        if torch.is_grad_enabled() and R.requires_grad or R.device.type == "meta":
+            q = butterfly.cayley(R)
+        else:
+            stamp = (R.data_ptr(), R._version, R.device, R.dtype)
+            cached = self._cayley_cache.get(adapter_name)
+            if cached is None or cached[0] != stamp:
+                cached = self._cayley_cache[adapter_name] = (stamp, butterfly.cayley(R.detach()))
+            q = cached[1]
         if dropout:
             q = butterfly.multiplicative_dropout(q, self.boft_dropout[adapter_name], self.training)
         return q
@@ -195,13 +207,12 @@ class BOFTLinear(_BOFTLayer):
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """Each group's samples rotated by its adapter, one base matmul, then per-sample scales."""
         base = self.get_base_layer()
-        z = x
+        index = torch.cat(list(groups.values()))
+        rotated = [butterfly.rotate(x[i], self.rotation_blocks(n, dropout=True).to(x.dtype)) for n, i in groups.items()]
+        z = x.index_copy(0, index, torch.cat(rotated))  # one scatter, not one per adapter
+        scales = [self._scale(n).to(x.dtype).expand(i.numel(), -1) for n, i in groups.items()]
         scale = torch.ones(x.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
-        for name, index in groups.items():
-            q = self.rotation_blocks(name, dropout=True)
-            z = z.index_copy(0, index, butterfly.rotate(x[index], q.to(x.dtype)))
-            s = self._scale(name).to(x.dtype).expand(index.numel(), -1)
-            scale = scale.index_copy(0, index, s)
+        scale = scale.index_copy(0, index, torch.cat(scales))
         y = self.base_layer(z, *args, **kwargs)
         scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), scale.shape[1]).to(y.dtype)
         if base.bias is None:

@@ -240,9 +240,8 @@ class FourierFTLinear(AdapterLayer):
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """One base matmul for the whole batch, then each adapter's change added to its own samples."""
         out = self.base_layer(x, *args, **kwargs)
-        for name, index in groups.items():
-            out = out.index_add(0, index, self.delta_output(x[index], [name]).to(out.dtype))
-        return out
+        deltas = [self.delta_output(x[index], [name]) for name, index in groups.items()]
+        return out.index_add(0, torch.cat(list(groups.values())), torch.cat(deltas).to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
