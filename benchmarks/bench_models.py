@@ -1,0 +1,182 @@
+"""Whole-model training steps and inference: fourierft against peft, in one process, on the same models.
+
+Models are built from configs (random weights): a BERT-base-sized classifier and a Llama-shaped causal LM.
+For each adapter variant it measures
+
+* a training step (forward, backward, AdamW step) and the bytes autograd saves for backward;
+* an eval forward, unmerged and merged;
+* greedy generation of a few tokens (Llama only).
+
+Variants: ``ours-fourierft`` vs ``peft-fourierft`` (same config), ``ours-boft`` vs ``peft-boft`` (one butterfly
+factor, all peft can do on a CPU; plus ours with two factors), and ``peft-lora`` r=8 as the usual yardstick.
+Prints ratio tables and writes JSON. Run: ``python benchmarks/bench_models.py`` (``--quick`` for small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def bert(args):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                     intermediate_size=4 * args.hidden, num_labels=2, vocab_size=8192)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg)
+
+
+def llama(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=args.hidden // 64, intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+                      vocab_size=8192, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def variants(task: str):
+    import peft
+
+    import fourierft
+
+    fft = dict(task_type=task, n_frequency=1000, scaling=150.0)
+    boft = dict(task_type=task, boft_block_size=8)
+    return {
+        "ours-fourierft": lambda m: fourierft.get_peft_model(m, fourierft.FourierFTConfig(**fft)),
+        "peft-fourierft": lambda m: peft.get_peft_model(m, peft.FourierFTConfig(**fft)),
+        "ours-boft-m1": lambda m: fourierft.get_peft_model(m, fourierft.BOFTConfig(**boft)),
+        "ours-boft-m2": lambda m: fourierft.get_peft_model(m, fourierft.BOFTConfig(boft_n_butterfly_factor=2, **boft)),
+        "peft-boft-m1": lambda m: peft.get_peft_model(m, peft.BOFTConfig(**boft)),
+        "peft-lora-r8": lambda m: peft.get_peft_model(m, peft.LoraConfig(task_type=task, r=8)),
+    }
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def saved_bytes(counter: list):
+    """Sum the bytes of distinct storages autograd saves for backward."""
+    seen = set()
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                counter[0] += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def measure(name, make_model, wrap, batch, args, is_lm):
+    model = wrap(make_model(args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    labels = batch["input_ids"] if is_lm else torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+
+    train = median_time(step, args.repeats)
+    counter = [0]
+    with saved_bytes(counter):
+        loss = model(**batch, labels=labels).loss
+    loss.backward()
+    model.eval()
+    with torch.inference_mode():
+        infer = median_time(lambda: model(**batch), args.repeats)
+        gen = None
+        if is_lm:
+            prompt = batch["input_ids"][:1, :16]
+            gen = median_time(lambda: model.generate(input_ids=prompt, max_new_tokens=args.new_tokens,
+                                                     do_sample=False, pad_token_id=0), max(1, args.repeats // 2))
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        infer_merged = median_time(lambda: merged(**batch), args.repeats)
+    trainable = sum(p.numel() for p in params)
+    return {"variant": name, "train_ms": 1e3 * train, "saved_MiB": counter[0] / 2**20, "eval_ms": 1e3 * infer,
+            "eval_merged_ms": 1e3 * infer_merged, "generate_ms": None if gen is None else 1e3 * gen,
+            "trainable": trainable}
+
+
+def run_model(label, make_model, task, args):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 8192, (args.batch, args.tokens), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rows = []
+    for name, wrap in variants(task).items():
+        row = measure(name, make_model, wrap, batch, args, task == "CAUSAL_LM")
+        row["model"] = label
+        rows.append(row)
+        print(f"  {label:6} {name:15} train {row['train_ms']:8.1f} ms  saved {row['saved_MiB']:7.1f} MiB  "
+              f"eval {row['eval_ms']:7.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows):
+    by = {(r["model"], r["variant"]): r for r in rows}
+    print(f"{'model':6} {'variant':15} {'trainable':>10} {'train ms':>9} {'vs peft':>8} {'vs lora':>8} "
+          f"{'saved MiB':>10} {'eval ms':>8} {'merged ms':>10} {'gen ms':>8}")
+    for r in rows:
+        method = r["variant"].split("-")[1]
+        peft_ref = by.get((r["model"], f"peft-{method}" + ("-m1" if method == "boft" else "")))
+        lora = by[(r["model"], "peft-lora-r8")]
+        vs_peft = f"{peft_ref['train_ms'] / r['train_ms']:.2f}x" if peft_ref and r["variant"].startswith("ours") else ""
+        vs_lora = f"{r['train_ms'] / lora['train_ms']:.2f}"
+        gen = f"{r['generate_ms']:.0f}" if r["generate_ms"] is not None else "-"
+        print(f"{r['model']:6} {r['variant']:15} {r['trainable']:>10,d} {r['train_ms']:>9.1f} {vs_peft:>8} "
+              f"{vs_lora:>8} {r['saved_MiB']:>10.1f} {r['eval_ms']:>8.1f} {r['eval_merged_ms']:>10.1f} {gen:>8}")
+    print("vs peft: peft's step time / ours (higher is faster); vs lora: our step time / peft LoRA r=8's.")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "models.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.quick:
+        args.hidden, args.layers, args.batch, args.tokens, args.repeats, args.new_tokens = 256, 2, 4, 64, 3, 8
+    else:
+        args.hidden, args.layers, args.batch, args.tokens, args.repeats, args.new_tokens = 768, 12, 8, 128, 3, 16
+    rows = run_model("bert", bert, "SEQ_CLS", args)
+    llama_args = copy.copy(args)
+    if not args.quick:
+        llama_args.hidden, llama_args.layers = 1024, 4
+    rows += run_model("llama", llama, "CAUSAL_LM", llama_args)
+    print(f"BERT: hidden {args.hidden}, {args.layers} layers; Llama: hidden {llama_args.hidden}, "
+          f"{llama_args.layers} layers; batch {args.batch} x {args.tokens} tokens; {torch.get_num_threads()} threads")
+    print_table(rows)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
