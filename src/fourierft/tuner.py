@@ -223,6 +223,7 @@ class AdapterModel(nn.Module):
             self._resolve_targets(model, config)
             targets = self._find_targets(model, config)
             for key, module in targets:  # validate every layer before touching any
+                self._check_existing_layer(key, module, adapter_name)
                 self.layer_class_for(module).check_target(module, config, key)
             self.peft_config[adapter_name] = config
             device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
@@ -254,6 +255,22 @@ class AdapterModel(nn.Module):
             raise
         self._freeze_base(model)
         self.set_adapter(self.active_adapters)
+
+    def _check_existing_layer(self, key: str, module: nn.Module, adapter_name: str) -> None:
+        """A target that is already adapted (e.g. ``get_peft_model`` called twice on one model) must be of
+        this method and must not hold ``adapter_name`` yet: updating it would overwrite that adapter."""
+        if not isinstance(module, AdapterLayer):
+            return
+        if not isinstance(module, self.layer_class_for(module)):
+            raise TypeError(
+                f"Target module {key} is already adapted by {type(module).__name__}; {type(self).__name__} cannot "
+                "add an adapter to it (unload the other method's adapters first)"
+            )
+        if adapter_name in module.adapter_names():
+            raise ValueError(
+                f"Target module {key} already holds an adapter named {adapter_name!r} (was the model already "
+                "passed to get_peft_model?); use another adapter name"
+            )
 
     def _wrap_modules_to_save(self, model: nn.Module, config, adapter_name: str) -> list:
         """Wrap (or extend) every module named in ``modules_to_save``; PEFT matches by plain suffix."""
