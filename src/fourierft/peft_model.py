@@ -57,9 +57,14 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         tuner_cls = _tuner_class(peft_config)
         self._adapters_disabled = False
+        saved = copy.copy(peft_config.modules_to_save)
         self._add_task_modules(peft_config)
-        self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage,
-                                    autocast_adapter_dtype)
+        try:
+            self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage,
+                                        autocast_adapter_dtype)
+        except BaseException:  # leave the caller's config as it was
+            peft_config.modules_to_save = saved
+            raise
         flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
             "is_gradient_checkpointing"
         if getattr(model, flag, False):
@@ -259,11 +264,14 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)  # before touching the model
         target_cls = task_class(config.task_type) if cls is PeftModel else cls
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         try:
             peft_model._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
         except BaseException:
             peft_model.base_model.restore_base_model()
+            for p, flag in flags:
+                p.requires_grad_(flag)
             raise
         if not is_trainable:
             peft_model.eval()
@@ -394,12 +402,17 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if mixed:
         raise ValueError(f"{peft_config.peft_type} does not support mixed adapter models (mixed=True)")
     _tuner_class(peft_config)
+    saved = (peft_config.base_model_name_or_path, peft_config.revision)
     name = getattr(model, "name_or_path", None)
     peft_config.base_model_name_or_path = name or None
     if revision is not None:
         peft_config.revision = revision
     cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+    try:
+        return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+    except BaseException:  # leave the caller's config as it was
+        peft_config.base_model_name_or_path, peft_config.revision = saved
+        raise
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",

@@ -71,13 +71,37 @@ class AdapterModel(nn.Module):
         state_dict: Optional[dict] = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"The model to adapt must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.peft_config: dict = {}
         self.active_adapter: str | list[str] = adapter_name
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
-        for name, config in configs.items():
-            self.inject_adapter(self.model, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for name, config in configs.items():
+                self.inject_adapter(self.model, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+        except BaseException:
+            self._remove_injected(list(self.peft_config))  # all-or-nothing over several configs too
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
         self.model.peft_config = self.peft_config
+
+    def _remove_injected(self, names: list[str]) -> None:
+        """Take adapters ``names`` out again, and every layer or wrapper that is left holding no adapter."""
+        for name in names:
+            self.peft_config.pop(name, None)
+            for _, layer in self.adapter_layers():
+                layer.delete_adapter(name)
+            for wrapper in self._wrappers():
+                wrapper.delete_adapter(name)
+        for key, module in list(self.model.named_modules()):
+            empty = (isinstance(module, AdapterLayer) and not module.adapter_names()) or (
+                isinstance(module, ModulesToSaveWrapper) and not len(module.modules_to_save))
+            if empty and key:
+                parent, attr = get_submodule_parent(self.model, key)
+                setattr(parent, attr, module.base_layer if isinstance(module, AdapterLayer) else module.original_module)
 
     @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
@@ -444,6 +468,9 @@ class AdapterModel(nn.Module):
     ) -> nn.Module:
         """Merge adapters (default: the active ones) and return the base model with plain layers."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:  # an unknown name would otherwise unload without merging anything
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} not found.")
         layers = [layer for _, layer in self.adapter_layers()]
         self._merge_layers(layers, names, safe_merge, progressbar)
         return self._unload()
