@@ -139,6 +139,24 @@ def is_target(config, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def layer_coverage(config, keys: list[str]) -> tuple[Optional[list[int]], list[int]]:
+    """``(requested layer indices no target-named module lies in, indices that hold one)``.
+
+    The first item is ``None`` when ``layers_to_transform`` does not apply (unset, empty, or a regex target).
+    """
+    layers, targets = config.layers_to_transform, config.target_modules
+    if layers is None or layers == [] or isinstance(targets, str) or not targets:
+        return None, []
+    present = set()
+    for key in keys:
+        if key and any(key.endswith("." + t) for t in targets):
+            index = _layer_index(key, config.layers_pattern)
+            if index is not None:
+                present.add(index)
+    requested = {layers} if isinstance(layers, int) else set(layers)
+    return sorted(requested - present), sorted(present)
+
+
 def all_linear_names(model: nn.Module, linear_types: tuple[type, ...]) -> set[str]:
     """Names (last path component) of every linear layer except the output embedding."""
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear_types) and name}

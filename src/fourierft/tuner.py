@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
-from .targets import is_excluded, is_target, resolve_target_modules
+from .targets import is_excluded, is_target, layer_coverage, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -194,10 +194,19 @@ class AdapterModel(nn.Module):
                     f"supported types: {', '.join(t.__name__ for t in self.target_types)}"
                 )
             found.append((key, module))
+        missing, present = layer_coverage(config, [k for k, _ in model.named_modules()])
         if not found:
+            layers = "" if missing is None else (
+                f" with layers_to_transform={config.layers_to_transform} (modules of that name exist in layers "
+                f"{present}; no layer {missing})")
             raise ValueError(
-                f"Target modules {config.target_modules} not found in the base model. "
+                f"Target modules {config.target_modules} not found in the base model{layers}. "
                 "Please check the target modules and try again."
+            )
+        if missing:  # PEFT adapts the layers that exist; keep that, so its files load, but say so
+            logger.warning(
+                "layers_to_transform=%s: no target module lies in layer(s) %s (layers holding target modules: "
+                "%s); adapting the matching modules only", config.layers_to_transform, missing, present,
             )
         return found
 
