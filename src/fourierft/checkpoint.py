@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -172,6 +172,8 @@ def set_peft_model_state_dict(
     Raises:
         CheckpointError: Missing, unexpected or mis-shaped tensors, or a fingerprint mismatch.
     """
+    if not isinstance(peft_model_state_dict, Mapping):
+        raise TypeError(f"peft_model_state_dict must be a dict of tensors, got {type(peft_model_state_dict).__name__}")
     _, prefix = _tuner_root(model)
     sd = _normalise_prefix(dict(peft_model_state_dict), prefix)
     mapping = adapter_key_map(model, adapter_name)

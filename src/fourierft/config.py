@@ -52,7 +52,7 @@ def _load_json(path: str) -> dict:
     with open(path, encoding="utf-8") as fh:
         try:
             data = json.load(fh)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
@@ -109,6 +109,8 @@ class PeftConfig:
             self.peft_type = self.PEFT_TYPE
         if self.peft_version is None:
             self.peft_version = FORMAT_VERSION
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode must be a bool, got {self.inference_mode!r}")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
         valid = {t.value for t in TaskType}
@@ -153,7 +155,7 @@ class PeftConfig:
         target = cls
         if not cls.PEFT_TYPE or cls.PEFT_TYPE != data["peft_type"]:
             peft_type = data["peft_type"]
-            if peft_type not in CONFIG_CLASSES:
+            if not isinstance(peft_type, str) or peft_type not in CONFIG_CLASSES:
                 raise ValueError(
                     f"peft_type {peft_type!r} is not supported by fourierft; supported: {sorted(CONFIG_CLASSES)}"
                 )

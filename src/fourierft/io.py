@@ -77,6 +77,8 @@ def save_adapters(peft_model: nn.Module, save_directory: str, safe_serialization
 
 def load_config(model_id: str, config: Optional[PeftConfig] = None, **kwargs) -> PeftConfig:
     """The adapter's config: ``config`` if given, else read from ``model_id`` (folder or Hub id)."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"model_id must be a folder path or a Hub repo id (str), got {type(model_id).__name__}")
     if config is not None:
         if not isinstance(config, PeftConfig):
             raise ValueError(f"The input config must be a PeftConfig, got {type(config).__name__}")

@@ -158,6 +158,8 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the single active adapter (trainable unless ``inference_mode``)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"adapter_name must be one adapter's name (str), got {adapter_name!r}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found.")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)

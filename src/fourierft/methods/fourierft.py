@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import re
 from typing import Optional
 
@@ -67,10 +68,12 @@ class FourierFTConfig(TunerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("n_frequency", self.n_frequency)
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise ValueError(f"scaling must be a number, got {self.scaling!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise ValueError(f"scaling must be a number and finite, got {self.scaling!r}")
         if not isinstance(self.random_loc_seed, int) or isinstance(self.random_loc_seed, bool):
             raise ValueError(f"random_loc_seed must be an int (it fixes the frequencies), got {self.random_loc_seed!r}")
+        if not -(2**63) <= self.random_loc_seed < 2**64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"random_loc_seed must be in [-2**63, 2**64), got {self.random_loc_seed!r}")
         if self.n_frequency_pattern is None:
             self.n_frequency_pattern = {}
         if not isinstance(self.n_frequency_pattern, dict):
