@@ -174,8 +174,9 @@ class AdapterLayer(nn.Module):
     def unmerge_last(self) -> None:
         """Undo the most recent merge."""
         base = self.get_base_layer()
-        name = self.merged_adapters.pop()
+        name = self.merged_adapters[-1]  # popped only once undone: a failed unmerge leaves a consistent state
         base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype)
+        self.merged_adapters.pop()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -167,10 +167,22 @@ class _BOFTLayer(AdapterLayer):
             flat = butterfly.rotate_transpose(flat, q.to(dtype)) * self._scale(name).to(dtype)[:, None]
         return flat.reshape(weight.shape)
 
+    def check_merge(self, adapter_names=None) -> None:
+        """Also refuse a scale with zeros: the merge would be finite but could never be undone."""
+        for name in self._to_merge(adapter_names):
+            self._check_invertible(name)
+        super().check_merge(adapter_names)
+
+    def _check_invertible(self, adapter_name: str) -> None:
+        if not bool((self._scale(adapter_name) != 0).all()):
+            raise ValueError(f"boft_s of adapter {adapter_name} has zero entries: its merge cannot be undone "
+                             "(unmerging divides by s)")
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.rotated_weight([adapter_name], weight, dropout=False).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        self._check_invertible(adapter_name)  # dividing by 0 would turn the base weight into NaN
         dtype = torch.promote_types(weight.dtype, torch.float32)
         flat = weight.reshape(weight.shape[0], -1).to(dtype) / self._scale(adapter_name).to(dtype)[:, None]
         flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype))
