@@ -219,6 +219,9 @@ def set_peft_model_state_dict(
             f"for adapter {adapter_name!r}: the file was saved with a different config or a torch version "
             f"whose random permutation differs. Loading it would put the weights on the wrong positions."
         )
+    broken = [key for key, value in plan if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        logger.warning("The adapter file holds NaN or Inf values in %s; outputs will not be finite", broken)
     _write(model, plan, low_cpu_mem_usage)
     if result.missing_keys:
         logger.warning("Found missing optional adapter keys while loading the checkpoint: %s", result.missing_keys)
@@ -302,14 +305,39 @@ def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def atomic_write_dir(target_dir: str, write) -> None:
     """Run ``write(tmp_dir)`` in a fresh temporary folder beside ``target_dir``, then move each file in.
 
-    Each file is replaced with ``os.replace`` (atomic), so an interrupted save leaves every previous
-    file either intact or fully replaced, never half written.
+    Each file is replaced with ``os.replace`` (atomic; a symlink is replaced, never written through). If
+    a move fails, the files already moved are put back from links to the previous ones taken first, so
+    the folder holds the whole new adapter or the whole previous one, never a mix.
     """
     os.makedirs(target_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".fourierft-save-", dir=target_dir)
     try:
         write(tmp)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
+        names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")
+        previous = tempfile.mkdtemp(prefix=".previous-", dir=tmp)
+        for name in names:
+            if os.path.lexists(os.path.join(target_dir, name)):
+                _keep(os.path.join(target_dir, name), os.path.join(previous, name))
+        done: list[str] = []
+        try:
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
+                done.append(name)
+        except BaseException:
+            for name in reversed(done):
+                kept = os.path.join(previous, name)
+                if os.path.lexists(kept):
+                    os.replace(kept, os.path.join(target_dir, name))
+                else:
+                    os.remove(os.path.join(target_dir, name))
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _keep(path: str, backup: str) -> None:
+    """A second name for ``path`` (a hard link: no copy; a symlink stays a symlink)."""
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:  # no hard links on this filesystem
+        shutil.copy2(path, backup, follow_symlinks=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 
 from torch import nn
 
@@ -55,5 +56,13 @@ def write_model_card(save_directory: str, peft_model: nn.Module) -> None:
         match = re.match(r"^---\n.*?\n---\n", text, flags=re.S)
         body = text[match.end():] if match else text
     yaml = "".join(f"{k}:{_yaml_value(v)}" for k, v in header.items())
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(f"---\n{yaml}---\n{body}")
+    # write a new file and move it over the old one: never half written, never through a symlink
+    tmp = os.path.join(save_directory, f".README-{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(f"---\n{yaml}---\n{body}")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
