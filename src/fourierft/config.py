@@ -149,6 +149,8 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
         """Build a config from a dict, choosing the class by ``peft_type`` and ignoring unknown keys."""
+        if not isinstance(data, dict):
+            raise TypeError(f"An adapter config must be a dict, got {type(data).__name__}")
         data = dict(data)
         if "peft_type" not in data:
             raise TypeError(f"The config that is trying to be loaded is missing required keys: {{'peft_type'}}.")

@@ -42,6 +42,8 @@ def save_adapters(peft_model: nn.Module, save_directory: str, safe_serialization
     """Write each selected adapter's config and weights (see ``PeftModel.save_pretrained``)."""
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+    if isinstance(selected_adapters, str):
+        selected_adapters = [selected_adapters]
     names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown:

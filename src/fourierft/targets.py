@@ -67,6 +67,14 @@ def validate_tuner_fields(config) -> None:
         raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
     if isinstance(config.target_modules, str) and config.layers_pattern is not None:
         raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+    pattern = config.layers_pattern
+    if pattern:  # PEFT reads an empty pattern as "any"
+        patterns = [pattern] if isinstance(pattern, str) else pattern
+        if not isinstance(patterns, (list, tuple)):
+            raise ValueError(f"layers_pattern must be a name, a list of names or None, got {pattern!r}")
+        _check_names("layers_pattern", patterns)
+        for p in patterns:
+            _check_regex("layers_pattern", p)
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
     layers = config.layers_to_transform
@@ -85,6 +93,8 @@ def validate_tuner_fields(config) -> None:
         if isinstance(config.modules_to_save, str) or not isinstance(config.modules_to_save, (list, tuple, set)):
             raise ValueError(f"modules_to_save must be a list of module names, got {config.modules_to_save!r}")
         _check_names("modules_to_save", config.modules_to_save)
+        for name in config.modules_to_save:  # matched as regex fragments, as in PEFT
+            _check_regex("modules_to_save entry", name)
         config.modules_to_save = list(config.modules_to_save)
     if not isinstance(config.fan_in_fan_out, bool):
         raise ValueError(f"fan_in_fan_out must be a bool, got {config.fan_in_fan_out!r}")

@@ -38,6 +38,15 @@ def check_adapter_name(name: object) -> str:
     return name
 
 
+def _names(adapter_names: object) -> list[str]:
+    """One name or a list of names, as a list."""
+    if isinstance(adapter_names, str):
+        return [adapter_names]
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"Expected an adapter name or a list of adapter names, got {adapter_names!r}")
+    return list(adapter_names)
+
+
 def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     """``(parent, attribute)`` of the module named ``key``."""
     parent_name, _, child = key.rpartition(".")
@@ -352,8 +361,9 @@ class AdapterModel(nn.Module):
 
         Raises:
             ValueError: An unknown adapter name.
+            TypeError: ``adapter_name`` is neither a name nor a list of names.
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = _names(adapter_name)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
@@ -450,7 +460,7 @@ class AdapterModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights in place, keeping the adapter tensors."""
         layers = [layer for _, layer in self.adapter_layers()]
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self.active_adapters if adapter_names is None else _names(adapter_names)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
@@ -476,7 +486,7 @@ class AdapterModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
     ) -> nn.Module:
         """Merge adapters (default: the active ones) and return the base model with plain layers."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = self.active_adapters if adapter_names is None else _names(adapter_names)
         for name in names:  # an unknown name would otherwise unload without merging anything
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")

@@ -79,6 +79,8 @@ class FourierFTConfig(TunerConfig):
         if not isinstance(self.n_frequency_pattern, dict):
             raise ValueError(f"n_frequency_pattern must be a dict {{name: n}}, got {self.n_frequency_pattern!r}")
         for key, value in self.n_frequency_pattern.items():
+            if not isinstance(key, str):
+                raise ValueError(f"n_frequency_pattern keys must be module names or regexes (str), got {key!r}")
             _check_positive_int(f"n_frequency_pattern[{key!r}]", value)
             try:
                 re.compile(key)
