@@ -299,6 +299,9 @@ def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"Cannot read adapter weights {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+    for key, value in data.items():  # checked here, before any method looks at the values
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {key!r} is not a tensor ({type(value).__name__})")
     return data, {}
 
 
