@@ -33,6 +33,9 @@ PEFT_PREFIX = "base_model.model."
 #: Keys written by old PEFT versions that carry no information we need (BOFT permutations, peft < 0.13).
 LEGACY_IGNORED_SUFFIXES = (".boft_P",)
 FINGERPRINT_KEY = "fourierft_derived_sha256"
+#: SHA-256 of the tensors themselves, written by fourierft into safetensors metadata: safetensors has no
+#: checksum, so without it a damaged byte in the payload would load silently as a wrong value.
+CHECKSUM_KEY = "fourierft_tensors_sha256"
 
 
 class CheckpointError(ValueError):
@@ -273,9 +276,19 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str, safe: bool, metada
     if safe:
         from safetensors.torch import save_file
 
-        save_file(clean, path, metadata=metadata)
+        save_file(clean, path, metadata={**metadata, CHECKSUM_KEY: tensors_checksum(clean)})
     else:
         torch.save(clean, path)
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -293,8 +306,12 @@ def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 metadata = fh.metadata() or {}
                 for key in fh.keys():
                     tensors[key] = fh.get_tensor(key)
+            if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != tensors_checksum(tensors):
+                raise CheckpointError(f"{path} is corrupted: its tensors do not match the checksum saved with them")
             return tensors, metadata
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:  # safetensors / pickle raise many types; name the file
         raise CheckpointError(f"Cannot read adapter weights {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
