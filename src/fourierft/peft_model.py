@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import PeftConfig
+from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .methods import MODEL_CLASSES
 from .tuner import AdapterModel, check_adapter_name
 
@@ -44,6 +45,8 @@ class PeftModel(nn.Module):
 
     #: Head modules trained in full by this task class (added to ``modules_to_save``).
     task_modules_to_save: tuple[str, ...] = ()
+    #: Read by ``transformers.Trainer`` after loading a checkpoint; our state dict omits nothing.
+    _keys_to_ignore_on_save = None
 
     def __init__(
         self,
@@ -69,6 +72,12 @@ class PeftModel(nn.Module):
             "is_gradient_checkpointing"
         if getattr(model, flag, False):
             self._enable_input_grads()
+        expose_forward_signature(self)  # transformers.Trainer keeps dataset columns by this signature
+        self.register_state_dict_post_hook(untie_shared_tensors)  # tied embeddings: Trainer's safetensors save
+
+    def __setstate__(self, state: dict) -> None:  # unpickling: re-expose the base forward's signature
+        super().__setstate__(state)
+        expose_forward_signature(self)
 
     def _add_task_modules(self, config: PeftConfig) -> None:
         if not self.task_modules_to_save:
@@ -86,9 +95,7 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
-        """Run the adapted model (all arguments go to the base model's forward)."""
-        return self.base_model(*args, **kwargs)
+    forward = delegating_forward()
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -344,18 +351,21 @@ class PeftModelForSequenceClassification(PeftModel):
     """Sequence classification; the head (``classifier`` or ``score``) is trained and saved in full."""
 
     task_modules_to_save = ("classifier", "score")
+    forward = delegating_forward("labels")
 
 
 class PeftModelForTokenClassification(PeftModel):
     """Token classification; the head (``classifier`` or ``score``) is trained and saved in full."""
 
     task_modules_to_save = ("classifier", "score")
+    forward = delegating_forward("labels")
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering; ``qa_outputs`` is trained and saved in full."""
 
     task_modules_to_save = ("qa_outputs",)
+    forward = delegating_forward("start_positions", "end_positions")
 
 
 class PeftModelForFeatureExtraction(PeftModel):
@@ -364,6 +374,8 @@ class PeftModelForFeatureExtraction(PeftModel):
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language modelling, with ``generate``."""
+
+    forward = delegating_forward("labels")
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Generate with the adapted model (arguments as the base model's ``generate``).
