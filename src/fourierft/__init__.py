@@ -18,6 +18,7 @@ from .auto import (
 from .checkpoint import CheckpointError, get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .layer import AdapterLayer, ModulesToSaveWrapper
+from .integrations.optim import adapter_param_groups
 from .methods import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTLinear, FourierFTModel
 from .peft_model import (
     PeftModel,
@@ -41,6 +42,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdapterLayer",
+    "AdapterTrainer",
     "BOFTConfig",
     "BOFTConv2d",
     "BOFTLinear",
@@ -60,9 +62,19 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "adapter_param_groups",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "set_peft_model_state_dict",
 ]
+
+
+def __getattr__(name: str):
+    # AdapterTrainer imports transformers.Trainer (seconds); load it only when asked for.
+    if name == "AdapterTrainer":
+        from .integrations.trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,162 @@
+"""``AdapterTrainer``: ``transformers.Trainer`` with what a PEFT user gets, for fourierft models.
+
+The stock Trainer recognises only ``peft.PeftModel`` as an adapter model; for anything else it checkpoints
+the full ``state_dict`` into ``model.safetensors`` (it works with fourierft models, see
+:mod:`fourierft.integrations.compat`, but every checkpoint holds the whole base model). ``AdapterTrainer``
+overrides four of Trainer's hooks:
+
+* ``_save``: checkpoints and ``save_model`` write the adapters in PEFT's format (``adapter_config.json`` +
+  ``adapter_model.safetensors`` per adapter), the tokenizer and ``training_args.bin``; Trainer adds its own
+  state (optimizer, scheduler, RNG, ``trainer_state.json``) beside them.
+* ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
+  (``load_best_model_at_end=True``): the adapter files are loaded into the existing adapters, in place, so
+  the optimizer keeps pointing at the same tensors.
+* ``create_optimizer``: separate learning rates for the adapter tensors and for the rest (head,
+  ``modules_to_save``, trainable biases); see :func:`~fourierft.integrations.optim.adapter_param_groups`.
+
+These are private Trainer methods (checked against transformers 4.45 to 5.x); any other model, and the
+DeepSpeed/FSDP paths, go to Trainer's own implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .. import checkpoint as ckpt
+from ..io import adapter_dir, load_weights_file
+from ..peft_model import PeftModel
+from .optim import adapter_param_groups, adapter_parameter_ids, resolve_adapter_lr
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_NAME = "training_args.bin"
+_WEIGHT_FILES = (ckpt.SAFETENSORS_WEIGHTS_NAME, ckpt.WEIGHTS_NAME)
+
+
+def has_adapter_files(folder: Optional[str]) -> bool:
+    """Whether ``folder`` holds adapter weights at its root or in an adapter sub-folder."""
+    if not folder or not os.path.isdir(folder):
+        return False
+    candidates = [folder] + [os.path.join(folder, d) for d in os.listdir(folder)]
+    return any(os.path.isfile(os.path.join(c, f)) for c in candidates for f in _WEIGHT_FILES)
+
+
+def load_adapter_weights(model: PeftModel, folder: str) -> list[str]:
+    """Load the weights of every adapter of ``model`` that has files in ``folder`` (PEFT's layout).
+
+    The tensors are copied into the existing parameters, so optimizers and requires_grad flags are kept.
+
+    Returns:
+        The names of the adapters loaded.
+
+    Raises:
+        FileNotFoundError: An active adapter has no weights in ``folder``.
+        fourierft.CheckpointError: The weights do not fit the adapter (nothing is changed for it).
+    """
+    loaded = []
+    for name in model.peft_config:
+        path = adapter_dir(folder, name)
+        if not any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES):
+            continue
+        tensors, metadata = load_weights_file(path)
+        ckpt.set_peft_model_state_dict(model, tensors, name, fingerprint=metadata.get(ckpt.FINGERPRINT_KEY))
+        loaded.append(name)
+    missing = [n for n in model.active_adapters if n not in loaded]
+    if missing:
+        raise FileNotFoundError(f"No weights for adapter(s) {missing} in {folder}")
+    logger.info("Loaded adapter(s) %s from %s", loaded, folder)
+    return loaded
+
+
+class AdapterTrainer(Trainer):
+    """A ``transformers.Trainer`` that checkpoints adapters only and trains them at their own learning rate.
+
+    Use it exactly like ``Trainer``; ``TrainingArguments.learning_rate`` is the learning rate of the head
+    and every other non-adapter tensor, as it would be with full fine-tuning.
+
+    Args:
+        *args: As ``transformers.Trainer``.
+        adapter_lr: Learning rate of the adapter tensors. Default: the method's entry in
+            :data:`~fourierft.integrations.optim.DEFAULT_ADAPTER_LR` (FourierFT: ``5e-2``, as in the paper's
+            scripts), else ``args.learning_rate``.
+        head_lr: Learning rate of the other trainable tensors (head, ``modules_to_save``, biases).
+            Default: ``args.learning_rate``.
+        **kwargs: As ``transformers.Trainer``.
+
+    Example::
+
+        trainer = AdapterTrainer(model=peft_model, args=TrainingArguments("out", learning_rate=1e-3),
+                                 train_dataset=train, adapter_lr=5e-2)
+        trainer.train()                      # checkpoint-N/ hold adapter_model.safetensors + trainer state
+        trainer.train(resume_from_checkpoint=True)
+    """
+
+    def __init__(self, *args, adapter_lr: Optional[float] = None, head_lr: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter_lr = adapter_lr
+        self.head_lr = head_lr
+
+    def _adapter_model(self, model: Optional[nn.Module] = None) -> Optional[PeftModel]:
+        model = self.model if model is None else model
+        model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return model if isinstance(model, PeftModel) else None
+
+    def _distributed_state(self) -> bool:
+        return bool(getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: Optional[nn.Module] = None):
+        """Build the optimizer with :func:`adapter_param_groups` (adapter lr vs. head lr)."""
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None or not adapter_parameter_ids(opt_model):
+            return super().create_optimizer() if model is None else super().create_optimizer(model)
+        user_choice = getattr(self, "optimizer_cls_and_kwargs", None)
+        optimizer_cls, optimizer_kwargs = user_choice or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if special or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
+            logger.warning("Optimizer %s builds its own parameter groups; adapter_lr/head_lr are not applied",
+                           getattr(optimizer_cls, "__name__", optimizer_cls))
+            return super().create_optimizer() if model is None else super().create_optimizer(model)
+        peft_model = self._adapter_model(opt_model) or opt_model
+        head_lr = self.head_lr if self.head_lr is not None else self.args.learning_rate
+        adapter_lr = resolve_adapter_lr(peft_model, self.adapter_lr, self.args.learning_rate)
+        groups = adapter_param_groups(opt_model, adapter_lr=adapter_lr, head_lr=head_lr,
+                                      weight_decay=self.args.weight_decay)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ saving and loading
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        model = self._adapter_model()
+        if model is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving adapter checkpoint to %s", output_dir)
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        processor = getattr(self, "processing_class", None) or getattr(self.data_collator, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        peft_model = self._adapter_model(model)
+        if peft_model is None or self._distributed_state() or not has_adapter_files(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_weights(peft_model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        peft_model = self._adapter_model()
+        if peft_model is None or self._distributed_state() or not has_adapter_files(best):
+            return super()._load_best_model()
+        logger.info("Loading best adapter from %s (score: %s).", best, self.state.best_metric)
+        load_adapter_weights(peft_model, best)
