@@ -1,0 +1,462 @@
+"""Draw the documentation's figures from the library's own code and from the benchmark results.
+
+Run from anywhere (CPU only, a few seconds)::
+
+    python docs/figures/make_figures.py
+
+Writes, next to this file:
+
+* ``fourierft_frequencies.png``: where a FourierFT adapter's coefficients sit in the 2-D spectrum (uniform,
+  PEFT's default, against ``frequency_band`` choices) and the weight change ``dW`` each one produces. Both
+  come from real adapter layers (``get_peft_model`` -> ``layer.indices`` and ``layer.get_delta_weight``).
+* ``boft_rotation.png``: ``|M|`` of a BOFT rotation with 1 to 4 butterfly factors (``layer.get_delta_weight``).
+* ``boft_factors.png``: the permutations ``P_i`` and the factors ``B_i = P_i blockdiag(Q_i) P_i^T`` whose
+  product is ``M`` (:mod:`fourierft.ops.butterfly`).
+* ``bench_*.png`` and ``tables/bench_*.md``: plots and Markdown tables of ``benchmarks/results/*.json``. The
+  performance page includes each table file; when a result file is missing, its table file says which command
+  produces it and no plot is drawn (a stale plot is removed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TABLES = HERE / "tables"
+DPI = 110
+
+if str(ROOT / "src") not in sys.path:  # works from a checkout without `pip install -e .` too
+    sys.path.insert(0, str(ROOT / "src"))
+
+import fourierft  # noqa: E402
+from fourierft.ops import butterfly  # noqa: E402
+
+logger = logging.getLogger("make_figures")
+
+
+class OneLayer(nn.Module):
+    """The smallest model an adapter can be put on: one linear layer named ``proj``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _save(fig: plt.Figure, name: str) -> None:
+    path = HERE / name
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Software": None})  # same bytes on every run
+    plt.close(fig)
+    logger.info("wrote %s", path.relative_to(ROOT))
+
+
+# ------------------------------------------------------------------------------------------------ FourierFT
+def fourierft_adapter(d: int, n: int, band, seed: int = 0):
+    """A FourierFT adapter on a ``d x d`` layer: ``(rows p, columns q, dW)`` from the library's layer."""
+    torch.manual_seed(seed)  # the coefficients: PEFT's default init draws them from N(0, 1)
+    config = fourierft.FourierFTConfig(target_modules=["proj"], n_frequency=n, scaling=150.0,
+                                       frequency_band=band)
+    model = fourierft.get_peft_model(OneLayer(d, d), config)
+    layer = model.base_model.model.proj
+    p, q = layer.indices["default"]
+    with torch.no_grad():
+        dw = layer.get_delta_weight("default")
+    return p.numpy(), q.numpy(), dw.numpy()
+
+
+def signed(k: np.ndarray, d: int) -> np.ndarray:
+    """Frequency index -> signed frequency (``k`` and ``k - d`` are the same frequency of a real signal)."""
+    return np.where(k <= d // 2, k, k - d)
+
+
+def figure_fourierft() -> None:
+    d, n = 64, 200
+    cases = [
+        ("uniform (default, as PEFT)", None),
+        ("frequency_band=[0.0, 0.06]\n(low frequencies)", [0.0, 0.06]),
+        ("frequency_band=[0.45, 0.05]\n(high frequencies)", [0.45, 0.05]),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.2))
+    for col, (title, band) in enumerate(cases):
+        p, q, dw = fourierft_adapter(d, n, band)
+        ax = axes[0, col]
+        ax.scatter(signed(q, d), signed(p, d), s=9, c="tab:blue", alpha=0.8)
+        ax.set_xlim(-d / 2 - 1, d / 2 + 1)
+        ax.set_ylim(-d / 2 - 1, d / 2 + 1)
+        ax.set_aspect("equal")
+        ax.axhline(0, color="0.8", lw=0.6, zorder=0)
+        ax.axvline(0, color="0.8", lw=0.6, zorder=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("input frequency q (signed)")
+        if col == 0:
+            ax.set_ylabel("output frequency p (signed)")
+        ax = axes[1, col]
+        lim = float(np.abs(dw).max())
+        im = ax.imshow(dw, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_title("dW = scaling * Re(ifft2(S))", fontsize=10)
+        ax.set_xlabel("input feature k")
+        if col == 0:
+            ax.set_ylabel("output feature j")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"FourierFT on a {d}x{d} layer, n_frequency={n}, scaling=150: where the coefficients sit "
+                 "(top) and the weight change they make (bottom)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, "fourierft_frequencies.png")
+
+
+# ------------------------------------------------------------------------------------------------ BOFT
+def boft_layer(n: int, block_size: int, m: int, seed: int = 0):
+    """A BOFT adapter on an ``n x n`` layer with ``R ~ N(0, 1)`` (larger than the init, to make the
+    structure visible); returns the layer."""
+    torch.manual_seed(seed)
+    config = fourierft.BOFTConfig(target_modules=["proj"], boft_block_size=block_size,
+                                  boft_n_butterfly_factor=m, init_weights=False)
+    model = fourierft.get_peft_model(OneLayer(n, n), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.boft_R["default"].normal_(0.0, 1.0)
+    return layer
+
+
+def figure_boft_rotation() -> None:
+    n, b = 32, 4
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.3))
+    for ax, m in zip(axes, (1, 2, 3, 4)):
+        layer = boft_layer(n, b, m)
+        with torch.no_grad():
+            rotation, _ = layer.get_delta_weight("default")
+        ax.imshow(rotation.abs().numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        width = b * 2 ** (m - 1)
+        ax.set_title(f"m = {m} factor{'s' if m > 1 else ''}: blocks of {min(width, n)}", fontsize=10)
+        ax.set_xticks(range(0, n + 1, 8))
+        ax.set_yticks(range(0, n + 1, 8))
+    fig.suptitle(f"|M| of a BOFT rotation, n={n} features, boft_block_size={b}: each extra butterfly factor "
+                 "doubles the width of the blocks that mix", fontsize=11)
+    fig.tight_layout()
+    _save(fig, "boft_rotation.png")
+
+
+def figure_boft_factors() -> None:
+    n, b, m = 16, 2, 3
+    layer = boft_layer(n, b, m)
+    num = n // b
+    perms = butterfly.butterfly_permutations(n, num, b, m)
+    with torch.no_grad():
+        q = butterfly.cayley(layer.boft_R["default"])
+        rotation, _ = layer.get_delta_weight("default")
+    eye = torch.eye(n)
+    fig, axes = plt.subplots(2, m + 1, figsize=(3.4 * (m + 1), 7))
+    for ax in axes.flat:
+        ax.set_xticks(range(0, n, 4))
+        ax.set_yticks(range(0, n, 4))
+    for i in range(m):
+        ax = axes[0, i]
+        ax.imshow(eye[perms[i]].numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"P_{i}: " + ("identity" if i == 0 else f"permutation {i}"), fontsize=10)
+        with torch.no_grad():
+            factor = butterfly.dense_rotation(q[i:i + 1], perms[i:i + 1])
+        ax = axes[1, i]
+        ax.imshow(factor.abs().numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"|B_{i}| = |P_{i} blockdiag(Q_{i}) P_{i}^T|", fontsize=10)
+    axes[0, m].axis("off")
+    axes[0, m].text(0.0, 0.5, "Row j of P_i holds its 1 in column perms[i, j].\n\n"
+                    "B_i rotates the blocks of size b that P_i\nhas gathered from features further apart;\n"
+                    "M = B_2 B_1 B_0 mixes every feature\nof a block of width b * 2**(m-1).",
+                    fontsize=10, va="center", transform=axes[0, m].transAxes)
+    ax = axes[1, m]
+    ax.imshow(rotation.abs().numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title("|M| = |B_2 B_1 B_0|", fontsize=10)
+    fig.suptitle(f"The factors of a BOFT rotation: n={n}, boft_block_size={b}, boft_n_butterfly_factor={m}",
+                 fontsize=11)
+    fig.tight_layout()
+    _save(fig, "boft_factors.png")
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+COMMANDS = {
+    "serving": "python benchmarks/bench_serving.py",
+    "models": "python benchmarks/bench_models.py",
+    "spectral_op": "python benchmarks/bench_spectral_op.py",
+    "butterfly_op": "python benchmarks/bench_butterfly_op.py",
+}
+
+
+def load_results(name: str, results: Path = RESULTS):
+    path = results / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("skipping %s: %s", path, err)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        logger.warning("skipping %s: no rows", path)
+        return None
+    return data
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _numeric(cell) -> bool:
+    return str(cell) == "-" or re.fullmatch(r"-?[\d,]+(\.\d+)?", str(cell)) is not None
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; columns holding only numbers are right-aligned."""
+    align = ["---:" if all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def describe_run(data: dict) -> str:
+    settings = data.get("config") or data.get("args") or {}
+    meta = data.get("meta") or {}
+    parts = []
+    torch_version = data.get("torch") or meta.get("torch")
+    if torch_version:
+        parts.append(f"torch {torch_version}")
+    if meta.get("threads"):
+        parts.append(f"{meta['threads']} threads")
+    if settings.get("quick"):
+        parts.append("`--quick` settings (small shapes, few repeats)")
+    shown = {k: v for k, v in settings.items() if k not in ("quick", "out", "methods") and not isinstance(v, (dict, list))}
+    if shown:
+        parts.append(", ".join(f"{k}={v}" for k, v in shown.items()))
+    return "Run: " + "; ".join(parts) + "." if parts else ""
+
+
+def write_table_file(name: str, body: str | None) -> None:
+    """``tables/bench_<name>.md``: the plot and table, or how to produce them."""
+    TABLES.mkdir(exist_ok=True)
+    png = HERE / f"bench_{name}.png"
+    if body is None:
+        if png.exists():
+            png.unlink()  # no stale plot for results that are gone
+        body = (f"!!! note \"No results yet\"\n    `benchmarks/results/{name}.json` is missing (or unreadable). "
+                f"Produce it with "
+                f"`{COMMANDS[name]}` (add `--quick` for a short run), then rebuild the figures with "
+                "`python docs/figures/make_figures.py`.\n")
+    (TABLES / f"bench_{name}.md").write_text(body)
+
+
+def bench_serving(data: dict) -> str:
+    rows = data["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        sub = sorted((r for r in rows if r["method"] == method), key=lambda r: r["K"])
+        ks = [r["K"] for r in sub]
+        for key, label, style in (("single_ms", "whole batch, one adapter", "k--"),
+                                  ("mixed_ms", "mixed batch (adapter_names)", "o-"),
+                                  ("separate_ms", "one forward per adapter", "s-")):
+            ax.plot(ks, [r[key] for r in sub], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("adapters in the batch (K)")
+        ax.set_ylabel("ms per batch")
+        ax.set_title(method)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Serving K adapters from one base model (benchmarks/bench_serving.py)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, "bench_serving.png")
+    table = markdown_table(
+        ["method", "K", "single ms", "mixed ms", "separate ms", "mixed / single", "separate / mixed",
+         "adapter KiB", "load ms / adapter"],
+        [[r["method"], r["K"], fmt(r["single_ms"]), fmt(r["mixed_ms"]), fmt(r["separate_ms"]),
+          fmt(r["mixed_over_single"], 2), fmt(r["separate_over_mixed"], 2), fmt(r["adapter_bytes"] / 1024, 1),
+          fmt(r.get("load_ms_per_adapter"), 2)] for r in rows])
+    return f"![serving benchmark](figures/bench_serving.png)\n\n{describe_run(data)}\n\n{table}"
+
+
+def _pairs(variants: list[str]) -> dict[str, str]:
+    """``ours-X`` -> the PEFT variant it is compared with (same method, one butterfly factor for BOFT)."""
+    out = {}
+    for v in variants:
+        if v.startswith("ours-"):
+            method = v[len("ours-"):]
+            for candidate in (f"peft-{method}", f"peft-{method.rsplit('-m', 1)[0]}-m1"):
+                if candidate in variants:
+                    out[v] = candidate
+                    break
+    return out
+
+
+def bench_models(data: dict) -> str:
+    rows = data["rows"]
+    models = list(dict.fromkeys(r.get("model", "model") for r in rows))
+    metrics = [("train_ms", "training step (ms)"), ("eval_ms", "eval forward, unmerged (ms)")]
+    fig, axes = plt.subplots(len(metrics), len(models), figsize=(6 * len(models), 3.6 * len(metrics)), squeeze=False)
+    for col, model in enumerate(models):
+        sub = [r for r in rows if r.get("model", "model") == model]
+        names = [r["variant"] for r in sub]
+        colors = ["tab:blue" if v.startswith("ours") else "tab:orange" if "lora" not in v else "tab:gray" for v in names]
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row, col]
+            values = [r.get(key) or 0.0 for r in sub]
+            ax.barh(names, values, color=colors)
+            ax.invert_yaxis()
+            ax.set_xlabel(label)
+            ax.set_title(model, fontsize=10)
+            ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("Whole models (benchmarks/bench_models.py): blue = fourierft, orange = peft, grey = peft LoRA",
+                 fontsize=11)
+    fig.tight_layout()
+    _save(fig, "bench_models.png")
+    table_rows = []
+    for model in models:
+        sub = {r["variant"]: r for r in rows if r.get("model", "model") == model}
+        pairs = _pairs(list(sub))
+        for variant, r in sub.items():
+            ref = sub.get(pairs.get(variant, ""))
+            ratio = fmt(r["train_ms"] / ref["train_ms"], 2) if ref and r.get("train_ms") and ref.get("train_ms") else "-"
+            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(r.get("eval_ms")),
+                               fmt(r.get("eval_merged_ms")), fmt(r.get("generate_ms")), fmt(r.get("saved_MiB"), 2),
+                               fmt(r.get("trainable"))])
+    table = markdown_table(["model", "variant", "train ms", "train / peft", "eval ms", "eval merged ms",
+                            "generate ms", "saved for backward MiB", "trainable params"], table_rows)
+    return f"![model benchmark](figures/bench_models.png)\n\n{describe_run(data)}\n\n{table}"
+
+
+def _tokens(r: dict):
+    return r.get("tokens", r.get("T"))
+
+
+SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft FourierFT", "peft_fft": "peft FourierFT",
+                   "peft_lora": "peft LoRA r=8"}
+BUTTERFLY_LABELS = {"frozen": "frozen layer", "ours": "fourierft BOFT", "peft_boft": "peft BOFT",
+                    "peft_lora": "peft LoRA r=8"}
+
+
+def bench_spectral_op(data: dict) -> str:
+    rows = data["rows"]
+    shapes = list(dict.fromkeys((r["d"], _tokens(r)) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(shapes)), 4))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        values = []
+        for shape in shapes:
+            match = [r for r in rows if (r["d"], _tokens(r)) == shape and r["method"] == method]
+            values.append(match[0]["median_ms"] if match else np.nan)
+        ax.bar(np.arange(len(shapes)) + (i - (len(methods) - 1) / 2) * width, values, width,
+               label=SPECTRAL_LABELS.get(method, method))
+    ax.set_xticks(range(len(shapes)), [f"d={d}\nT={t}" for d, t in shapes])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per training step (median)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    n = rows[0].get("n")
+    ax.set_title(f"One FourierFT layer, forward + backward (n={n}; benchmarks/bench_spectral_op.py)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, "bench_spectral_op.png")
+    table = markdown_table(
+        ["d", "T", "method", "median ms", "x frozen", "peft / this", "saved MiB", "peak MiB"],
+        [[r["d"], _tokens(r), SPECTRAL_LABELS.get(r["method"], r["method"]), fmt(r["median_ms"], 2),
+          fmt(r.get("vs_frozen"), 2),
+          fmt(r.get("peft_fft_over_this"), 2), fmt(r.get("saved_mb", r.get("saved_MiB")), 1),
+          fmt(r.get("peak_mb"), 1)] for r in rows])
+    return f"![spectral op benchmark](figures/bench_spectral_op.png)\n\n{describe_run(data)}\n\n{table}"
+
+
+def bench_butterfly_op(data: dict) -> str:
+    rows = data["rows"]
+    shapes = list(dict.fromkeys((r["d"], _tokens(r)) for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.8 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sub = [r for r in rows if (r["d"], _tokens(r)) == shape]
+        for size, color in ((4, "tab:blue"), (8, "tab:green")):
+            ours = sorted((r for r in sub if r["method"] == "ours" and r.get("block_size") == size), key=lambda r: r["m"])
+            if ours:
+                ax.plot([r["m"] for r in ours], [r["median_ms"] for r in ours], "o-", color=color,
+                        label=f"fourierft BOFT, b={size}")
+            peft = [r for r in sub if r["method"] == "peft_boft" and r.get("block_size") == size]
+            if peft:
+                ax.plot([1], [peft[0]["median_ms"]], "x", ms=10, mew=2, color=color, label=f"peft BOFT, b={size} (m=1)")
+        for method, style in (("frozen", "k--"), ("peft_lora", "k:")):
+            ref = [r for r in sub if r["method"] == method]
+            if ref:
+                ax.axhline(ref[0]["median_ms"], linestyle=style[1:], color="k",
+                           label="frozen layer" if method == "frozen" else "peft LoRA r=8")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["m"] for r in sub if r.get("m")}) or [1])
+        ax.set_xlabel("butterfly factors m")
+        ax.set_ylabel("ms per training step (median)")
+        ax.set_title(f"d={shape[0]}, T={shape[1]}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("One BOFT layer, forward + backward (benchmarks/bench_butterfly_op.py)", fontsize=11)
+    fig.tight_layout()
+    _save(fig, "bench_butterfly_op.png")
+    table = markdown_table(
+        ["d", "T", "method", "b", "m", "median ms", "x frozen", "x peft (m=1)", "saved MiB"],
+        [[r["d"], _tokens(r), BUTTERFLY_LABELS.get(r["method"], r["method"]), r.get("block_size") or "-",
+          r.get("m") or "-", fmt(r["median_ms"], 2),
+          fmt(r.get("vs_frozen"), 2), fmt(r.get("vs_peft_boft_m1"), 3), fmt(r.get("saved_MiB"), 2)] for r in rows])
+    return f"![butterfly op benchmark](figures/bench_butterfly_op.png)\n\n{describe_run(data)}\n\n{table}"
+
+
+BENCHMARKS = {"serving": bench_serving, "models": bench_models, "spectral_op": bench_spectral_op,
+              "butterfly_op": bench_butterfly_op}
+
+
+def figure_benchmarks(results: Path = RESULTS) -> None:
+    for name, draw in BENCHMARKS.items():
+        data = load_results(name, results)
+        body = None
+        if data is not None:
+            try:
+                body = draw(data)
+            except (KeyError, TypeError, ValueError, IndexError) as err:  # a changed result format: say so, go on
+                logger.warning("could not plot %s.json (%s: %s); the page will say it is missing",
+                               name, type(err).__name__, err)
+                plt.close("all")
+        elif not (results / f"{name}.json").exists():
+            logger.info("no %s.json in %s; run: %s", name, results, COMMANDS[name])
+        write_table_file(name, body)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the benchmark JSON files (default: benchmarks/results)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fourierft").setLevel(logging.ERROR)  # the demo layers' fan_in_fan_out notes etc.
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10})
+    figure_fourierft()
+    figure_boft_rotation()
+    figure_boft_factors()
+    figure_benchmarks(args.results)
+
+
+if __name__ == "__main__":
+    main()
