@@ -45,8 +45,9 @@ class FourierFTConfig(TunerConfig):
 
     Args:
         n_frequency: Number of learnable spectral coefficients per layer (``0 < n <= d_out * d_in``). The
-            paper uses 1000 for RoBERTa-base and 700 for ViT-base.
-        scaling: Multiplier ``a`` of the weight change; the paper uses 100-150 for RoBERTa and LLaMA, 300 for ViT.
+            paper's scripts use 1000 for RoBERTa and LLaMA and 3000 for ViT-base.
+        scaling: Multiplier ``a`` of the weight change; the paper's scripts use 29-151 per GLUE task for
+            RoBERTa and 300 for LLaMA and ViT.
         random_loc_seed: Seed of the frequency positions (shared by all layers, as in PEFT).
         n_frequency_pattern: Per-layer ``n_frequency``: ``{regex_suffix: n}``, first match wins.
         init_weights: ``True`` starts from zero coefficients (identity); PEFT's default ``False`` draws N(0, 1).
