@@ -134,25 +134,12 @@ def test_compiled_training_and_eval_match_eager(compiled_runs, method):
     check_matches_eager(compiled_runs(method, "aot_eager"))
 
 
-@pytest.mark.skipif(os.environ.get("FOURIERFT_TEST_INDUCTOR") != "1",
-                    reason="inductor's cold compile takes 20-75 s on 2 CPU cores; set FOURIERFT_TEST_INDUCTOR=1")
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_training_and_eval_match_eager(compiled_runs, method):
     check_matches_eager(compiled_runs(method, "inductor"))
 
 
-GRAPH_BREAK_XFAIL = {
-    "fourierft": "methods/fourierft.py builds the frequency plan lazily, at the first forward: inside a compiled "
-                 "forward that build breaks the graph (`with torch.device`, a data-dependent range check and "
-                 "logger.debug in spectral.make_spectral_plan)",
-    "boft": "ops/butterfly.py: Dynamo ignores functools.lru_cache and traces _butterfly_plan on every call; "
-            "_gather_plan's torch.equal is data dependent (factor-by-factor path)",
-}
-
-
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=GRAPH_BREAK_XFAIL[m])) for m in METHODS
-])
+@pytest.mark.parametrize("method", METHODS)
 def test_no_graph_breaks_in_adapter_layers(compiled_runs, method):
     """The only modules in ``Block`` with Python logic are our adapter layers: any break is ours."""
     breaks = compiled_runs(method, "aot_eager")["graph_breaks"]
@@ -292,8 +279,6 @@ def test_gradient_checkpointing_gives_plain_gradients(method, use_reentrant, how
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="PeftModel.gradient_checkpointing_enable calls the base model's deprecated "
-                   "gradient_checkpointing_enable (transformers >= 5: activation_checkpointing_enable)")
 def test_gradient_checkpointing_enable_uses_current_transformers_api():
     import warnings
 

@@ -155,9 +155,6 @@ def single_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason="save_pretrained reads the DTensor shards: under FSDP2 it raises "
-                   "'Attempted to access the data pointer on an invalid python storage' unless a gathered "
-                   "state_dict is passed (docs/distributed.md)")
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_save_pretrained_without_state_dict(single_process_group, tmp_path, method):
     from torch.distributed.fsdp import fully_shard
@@ -177,8 +174,6 @@ def test_fsdp_save_pretrained_without_state_dict(single_process_group, tmp_path,
     assert train_ddp.adapter_digest(reloaded) == want
 
 
-@pytest.mark.xfail(strict=True, reason="fully_shard renames the class to FSDPPeftModelForCausalLM and "
-                   "modelcard.write_model_card compares type(...).__name__, so pipeline_tag is dropped")
 def test_fsdp_model_card_matches_ddp(torchrun_run):
     for method in METHODS:
         ddp = (torchrun_run / "out" / "ddp" / method / "README.md").read_text()

@@ -132,7 +132,10 @@ def get_peft_model_state_dict(
     out = {}
     for file_key, (model_key, required) in adapter_key_map(model, adapter_name).items():
         if model_key in full:
-            out[file_key] = full[model_key]
+            value = full[model_key]
+            if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2): gather it, a collective on every rank
+                value = value.full_tensor()
+            out[file_key] = value
         elif required:
             raise KeyError(f"Adapter tensor {model_key} is missing from the state dict")
     return out

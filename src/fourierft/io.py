@@ -54,9 +54,9 @@ def save_adapters(peft_model: nn.Module, save_directory: str, safe_serialization
     for name in names:
         out = adapter_dir(save_directory, name)
         os.makedirs(out, exist_ok=True)
+        tensors = ckpt.get_peft_model_state_dict(peft_model, state_dict, name)  # every rank: FSDP2 gathers
         if not is_main_process:
             continue
-        tensors = ckpt.get_peft_model_state_dict(peft_model, state_dict, name)
         metadata = {"format": "pt"}
         fingerprint = ckpt.derived_fingerprint(peft_model, name)
         if fingerprint is not None:

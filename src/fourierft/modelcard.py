@@ -43,7 +43,11 @@ def write_model_card(save_directory: str, peft_model: nn.Module) -> None:
     if config is not None and hasattr(config, "_name_or_path"):
         header["base_model"] = config._name_or_path
         tags.append(f"base_model:adapter:{config._name_or_path}")
-    if hasattr(base, "generate") and type(peft_model).__name__ == "PeftModelForCausalLM":
+    from .peft_model import PeftModelForCausalLM, PeftModelForSeq2SeqLM
+
+    # isinstance, not the class name: FSDP2's fully_shard renames the class to FSDPPeftModelForCausalLM
+    if (hasattr(base, "generate") and isinstance(peft_model, PeftModelForCausalLM)
+            and not isinstance(peft_model, PeftModelForSeq2SeqLM)):
         header["pipeline_tag"] = "text-generation"
     if type(base).__module__.startswith("transformers"):
         tags.insert(0, "transformers")

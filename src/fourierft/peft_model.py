@@ -213,7 +213,11 @@ class PeftModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """Enable gradient checkpointing on the base model, with input gradients for reentrant checkpointing."""
-        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 deprecates the old name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self._enable_input_grads()
 
     # ------------------------------------------------------------------ files

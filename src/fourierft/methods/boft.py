@@ -133,6 +133,22 @@ class _BOFTLayer(AdapterLayer):
         self.boft_dropout[adapter_name] = float(config.boft_dropout)
         self.boft_n_butterfly_factor[adapter_name] = m
 
+    def _prepare_plans(self) -> None:
+        """Build the butterfly plans for the adapters' device now, not inside a torch.compile'd forward."""
+        for name, r in self.boft_R.items():
+            if r.device.type != "meta":
+                butterfly.prepare(self.boft_block_num[name], self.boft_block_size[name],
+                                  self.boft_n_butterfly_factor[name], r.device)
+
+    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._move_adapter(adapter_name, autocast_adapter_dtype)
+        self._prepare_plans()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the plans follow the device
+        module = super()._apply(fn, recurse)
+        self._prepare_plans()
+        return module
+
     @staticmethod
     def scale_shape(out: int) -> tuple[int, int]:
         return (out, 1)

@@ -202,6 +202,21 @@ class FourierFTLinear(AdapterLayer):
         """The adapter's gather/scatter plan on the adapter's device (cached, shared across layers)."""
         return shared_plan(self.fourierft_plan_key[adapter_name], self.fourierft_spectrum[adapter_name].device)
 
+    def _build_plans(self) -> None:
+        """Build the plans for the adapters' device now, so that a torch.compile'd forward only looks them up."""
+        for name, spectrum in self.fourierft_spectrum.items():
+            if spectrum.device.type != "meta":
+                self.plan(name)
+
+    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._move_adapter(adapter_name, autocast_adapter_dtype)
+        self._build_plans()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the plans follow the device
+        module = super()._apply(fn, recurse)
+        self._build_plans()
+        return module
+
     @property
     def indices(self) -> dict[str, torch.Tensor]:
         """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter."""

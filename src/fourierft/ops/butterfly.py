@@ -39,6 +39,8 @@ __all__ = [
 _MAX_FUSED_WIDTH = 256
 # Preferred matmul width: tiny blocks are grouped up to this width (measured fastest on CPU GEMM).
 _GROUP_WIDTH = 32
+# Fused blocks up to this width are built as a chain of bmms, wider ones factor by factor.
+_CHAIN_MAX_WIDTH = 64
 # Below this block size, batched LAPACK inversion is fast; above it, `_inverse` recurses.
 _LAPACK_INV_MAX = 7
 
@@ -154,11 +156,6 @@ def butterfly_permutations(n: int, block_num: int, block_size: int, m: int) -> t
     return torch.stack(rows)
 
 
-def _butterfly_local_width(m: int, block_size: int, n: int) -> int:
-    """Width ``L = b * 2**(m-1)`` of the diagonal blocks of ``M`` for butterfly permutations."""
-    return min(block_size * 2 ** (m - 1), n)
-
-
 # ----------------------------------------------------------------------------------------------
 # Cayley transform
 # ----------------------------------------------------------------------------------------------
@@ -229,41 +226,27 @@ def cayley(r: torch.Tensor) -> torch.Tensor:
 # Applying the rotation
 # ----------------------------------------------------------------------------------------------
 def _block_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``z @ blockdiag(blocks)`` for ``z`` of shape ``(T, K * w)`` and ``blocks`` ``(K, w, w)``."""
+    """``z @ blockdiag(blocks)`` for ``z`` of shape ``(T, K * w)`` and ``blocks`` ``(K, w, w)``.
+
+    One bmm over ``z`` viewed ``(K, T, w)`` (a strided view, no copy) and one copy back to ``(T, n)``.
+    """
     t = z.shape[0]
     k, w, _ = blocks.shape
-    out = torch.bmm(z.view(t, k, w).transpose(0, 1), blocks)  # (K, T, w)
-    return out.transpose(0, 1).reshape(t, k * w)
+    return torch.bmm(z.view(t, k, w).transpose(0, 1), blocks).transpose(0, 1).reshape(t, k * w)
 
 
 def _gather_plan(perms: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Column gathers for ``z M``: before factors ``m-1, ..., 0`` and after factor 0 (``m + 1`` entries).
 
     ``z B_i = ((z P_i) blockdiag(Q_i)) P_i^T`` with ``z P_i = z[:, inv_i]`` and ``z P_i^T = z[:, perm_i]``.
-    Consecutive ``P_i^T`` and ``P_{i-1}`` merge into the single gather ``perm_i[inv_{i-1}]``.
-    Identity gathers become ``None`` (skipped).
+    Consecutive ``P_i^T`` and ``P_{i-1}`` merge into the single gather ``perm_i[inv_{i-1}]``; identity
+    gathers become ``None``.
     """
     m, n = perms.shape
     inv = torch.argsort(perms, dim=1)
     ident = torch.arange(n, device=perms.device)
     plan = [inv[m - 1]] + [perms[i][inv[i - 1]] for i in range(m - 1, 0, -1)] + [perms[0]]
     return tuple(None if torch.equal(g, ident) else g for g in plan)
-
-
-@functools.lru_cache(maxsize=128)
-def _butterfly_plan(n: int, block_num: int, block_size: int, m: int, device: torch.device):
-    """Cached gather plans ``(for M, for M^T)`` of the standard butterfly permutations."""
-    perms = butterfly_permutations(n, block_num, block_size, m).to(device)
-    return _gather_plan(perms), _gather_plan(perms.flip(0))
-
-
-def _plan(q: torch.Tensor, perms: torch.Tensor | None, transpose: bool, device: torch.device):
-    m, num, size, _ = q.shape
-    if perms is None:
-        return _butterfly_plan(num * size, num, size, m, device)[int(transpose)]
-    if perms.shape != (m, num * size):
-        raise ValueError(f"perms must have shape {(m, num * size)} to match Q {tuple(q.shape)}, got {tuple(perms.shape)}.")
-    return _gather_plan(perms.flip(0) if transpose else perms)
 
 
 def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
@@ -273,19 +256,58 @@ def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: tuple[torch.Tenso
         if plan[step] is not None:
             z = z.index_select(1, plan[step])
         z = _block_matmul(z, q[m - 1 - step])
-    if plan[m] is not None:
-        z = z.index_select(1, plan[m])
-    return z
+    return z if plan[m] is None else z.index_select(1, plan[m])
 
 
-def _fused_width(n: int, block_size: int, m: int) -> int:
+def _memo(fn):
+    """``functools.lru_cache`` that torch.compile can see through.
+
+    Dynamo ignores ``lru_cache`` and traces the wrapped function on every call (graph breaks at
+    ``_gather_plan``'s data-dependent checks); a hit in a plain dict is a constant lookup for it.
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        key = tuple(str(a) if isinstance(a, torch.device) else a for a in args)
+        if key not in cache:
+            cache[key] = fn(*args)
+        return cache[key]
+
+    wrapper.cache_clear = cache.clear
+    return wrapper
+
+
+@_memo
+def _butterfly_plan(n: int, num: int, size: int, m: int, device: torch.device):
+    """Cached gather plans ``(for M, for M^T)`` of the standard butterfly permutations."""
+    perms = butterfly_permutations(n, num, size, m).to(device)
+    return _gather_plan(perms), _gather_plan(perms.flip(0))
+
+
+@_memo
+def _embedding(n: int, num: int, size: int, m: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat positions ``(m, g b b)`` of each ``Q_i`` entry inside a ``width x width`` window of ``B_i``.
+
+    ``B_i[u, v] = D_i[p(u), p(v)]`` (``p`` = the factor's permutation restricted to one window, the same
+    for all windows), so block ``k`` entry ``(a, c)`` lands at ``(p^-1(k b + a), p^-1(k b + c))``.
+    """
+    perms = butterfly_permutations(n, num, size, m)[:, :width]
+    inv = torch.argsort(perms, dim=1)  # (m, width)
+    rows = (torch.arange(width // size)[:, None] * size + torch.arange(size)).reshape(-1, size, 1)
+    cols = rows.transpose(1, 2)
+    pos = inv[:, rows] * width + inv[:, cols]  # (m, g, b, b)
+    return pos.reshape(m, -1).to(device)
+
+
+def _fused_width(n: int, size: int, m: int) -> int:
     """Matmul width for the fused path, or 0 when it does not apply.
 
     ``M`` is block diagonal with width ``L = b 2**(m-1)``; any multiple of ``L`` dividing ``n`` works.
-    Small ``L`` is grouped up to ``_GROUP_WIDTH`` (faster GEMM); the width stays below ``n`` so no
-    ``n x n`` tensor is built.
+    Small ``L`` is grouped up to ``_GROUP_WIDTH`` (faster GEMM). The width stays below ``n``, so no
+    ``n x n`` tensor is ever built.
     """
-    width = block_size * 2 ** (m - 1)
+    width = size * 2 ** (m - 1)
     if width > _MAX_FUSED_WIDTH or width >= n or n % width != 0:
         return 0
     while width < _GROUP_WIDTH and n % (2 * width) == 0 and 2 * width < n:
@@ -293,18 +315,36 @@ def _fused_width(n: int, block_size: int, m: int) -> int:
     return width
 
 
-def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
-    """Diagonal blocks ``(n / width, width, width)`` of ``M`` for butterfly permutations.
+def prepare(num: int, size: int, m: int, device: torch.device | str) -> None:
+    """Build the cached permutation plans of a geometry on ``device`` now, outside any torch.compile trace."""
+    device, n = torch.device(device), num * size
+    _butterfly_plan(n, num, size, m, device)
+    width = _fused_width(n, size, m)
+    if width and width <= _CHAIN_MAX_WIDTH:
+        _embedding(n, num, size, m, width, device)
 
-    Rows of a tiled identity ``[I I ... I]`` (``width x n``) times ``M`` are exactly the blocks,
-    because ``M`` is block diagonal with this width.
+
+def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
+    """Diagonal blocks ``(n / width, width, width)`` of ``M`` for the butterfly permutations.
+
+    Narrow windows: embed each ``Q_i`` as ``B_i`` windows (one ``index_copy``) and multiply the chain
+    ``B_{m-1} ... B_0`` (``m - 1`` bmms of ``n width^2``). Wide windows: rotate a tiled identity
+    ``[I I ... I]`` (``width x n``) factor by factor (``n width b`` per factor); as ``M`` is block
+    diagonal with this width, the rows of the result are the blocks.
     """
     m, num, size, _ = q.shape
-    n = num * size
-    tile = torch.eye(width, dtype=q.dtype, device=q.device).repeat(1, n // width)
-    plan = _butterfly_plan(n, num, size, m, q.device)[0]
-    blocks = _rotate_by_factors(tile, q, plan).view(width, n // width, width).transpose(0, 1)
-    return blocks.contiguous()  # strided batch operands make CPU bmm copy matrix by matrix
+    n, windows = num * size, num * size // width
+    if width <= _CHAIN_MAX_WIDTH:
+        pos = _embedding(n, num, size, m, width, q.device)
+        flat = q.reshape(m, windows, -1)
+        factors = [q.new_zeros(windows, width * width).index_copy(1, pos[i], flat[i]) for i in range(m)]
+        blocks = factors[m - 1].view(windows, width, width)
+        for i in range(m - 2, -1, -1):
+            blocks = torch.bmm(blocks, factors[i].view(windows, width, width))
+        return blocks
+    tile = torch.eye(width, dtype=q.dtype, device=q.device).repeat(1, windows)
+    blocks = _rotate_by_factors(tile, q, _butterfly_plan(n, num, size, m, q.device)[0])
+    return blocks.view(width, windows, width).transpose(0, 1).contiguous()  # strided bmm operands are slow
 
 
 def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpose: bool) -> torch.Tensor:
@@ -314,16 +354,20 @@ def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpo
     n = num * size
     if x.shape[-1] != n:
         raise ValueError(f"x has {x.shape[-1]} features but Q describes n = N * b = {n}.")
+    if perms is not None and perms.shape != (m, n):
+        raise ValueError(f"perms must have shape {(m, n)} to match Q, got {tuple(perms.shape)}.")
     z = x.reshape(-1, n)
     width = _fused_width(n, size, m) if perms is None else 0
     if width:
         blocks = _fused_blocks(q, width).to(x.dtype)
-        out = _block_matmul(z, blocks.mT if transpose else blocks)
+        return _block_matmul(z, blocks.mT if transpose else blocks).view(x.shape)
+    # M^T = B_0^T ... B_{m-1}^T: the same algorithm with the factors reversed and blocks transposed.
+    if perms is None:
+        plan = _butterfly_plan(n, num, size, m, x.device)[int(transpose)]
     else:
-        # M^T = B_0^T ... B_{m-1}^T: the same algorithm with factors reversed and blocks transposed.
-        q_eff = q.flip(0).mT if transpose else q
-        out = _rotate_by_factors(z, q_eff.to(x.dtype), _plan(q, perms, transpose, x.device))
-    return out.view(x.shape)
+        plan = _gather_plan(perms.flip(0) if transpose else perms)
+    q = q.flip(0).mT if transpose else q
+    return _rotate_by_factors(z, q.to(x.dtype), plan).view(x.shape)
 
 
 def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
@@ -368,9 +412,8 @@ def dense_rotation(q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.
     Returns:
         ``M`` in ``q``'s dtype; ``rotate(x, q, perms) == x @ M``. For ``m = 1``, ``blockdiag(Q_0)``.
     """
-    m, num, size, _ = q.shape
-    eye = torch.eye(num * size, dtype=q.dtype, device=q.device)
-    return _rotate_by_factors(eye, q, _plan(q, perms, False, q.device))
+    eye = torch.eye(q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+    return _apply(eye, q, perms, transpose=False)
 
 
 # ----------------------------------------------------------------------------------------------
