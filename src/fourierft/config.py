@@ -153,7 +153,7 @@ class PeftConfig:
             raise TypeError(f"An adapter config must be a dict, got {type(data).__name__}")
         data = dict(data)
         if "peft_type" not in data:
-            raise TypeError(f"The config that is trying to be loaded is missing required keys: {{'peft_type'}}.")
+            raise TypeError("The config that is trying to be loaded is missing required keys: {'peft_type'}.")
         target = cls
         if not cls.PEFT_TYPE or cls.PEFT_TYPE != data["peft_type"]:
             peft_type = data["peft_type"]

@@ -12,7 +12,6 @@ import copy
 import logging
 from typing import Any, Iterator, Optional
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
