@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fourierft
-from fourierft import BOFTConfig, BOFTConv2d, BOFTLinear, PeftModel
+from fourierft import BOFTConfig, BOFTConv2d, PeftModel
 from conftest import build, make_inputs, model_output
 
 warnings.filterwarnings("ignore", message=".*CUDA extension.*")
