@@ -1,0 +1,198 @@
+"""Op-level benchmark: one training step (forward + backward, ``x.requires_grad``) of a layer.
+
+Compared, on the same ``nn.Linear(d, d)`` (frozen) and the same input:
+
+* ``frozen``    the frozen layer alone (the floor);
+* ``ours``      frozen layer + ``fourierft.ops.spectral.spectral_apply`` (n entries);
+* ``peft_fft``  peft's FourierFT layer (``get_peft_model`` on a one-layer model, same n, scaling);
+* ``peft_lora`` peft's LoRA r=8 on the same layer, for reference.
+
+Methods run round-robin within each shape so background load hits them alike; the table reports
+the median (and min) time per step, ratios, and two memory figures per step:
+
+* ``saved``  bytes of the distinct tensors autograd saves for backward (``saved_tensors_hooks``),
+  i.e. activation memory a training step keeps alive;
+* ``peak``   peak of bytes allocated minus freed during the step, from ``torch.profiler``'s
+  memory events (transient working memory on top of what existed before the step).
+
+Usage: ``python benchmarks/bench_spectral_op.py [--quick] [--threads 2]``; writes
+``benchmarks/results/spectral_op.json``. On a shared machine, background load makes OpenMP's
+spin-waiting dominate many-kernel workloads; the JSON records the load average, and
+``OMP_WAIT_POLICY=PASSIVE`` (set in the environment) makes the timings far less noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fourierft.ops.spectral import frequency_indices, make_spectral_plan, spectral_apply
+
+RESULTS = Path(__file__).resolve().parent / "results" / "spectral_op.json"
+
+
+class OursLinear(nn.Module):
+    """Minimal stand-in for the library layer: frozen base + one spectral adapter."""
+
+    def __init__(self, base: nn.Linear, n: int, scaling: float, seed: int = 777):
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        d_out, d_in = base.out_features, base.in_features
+        self.plan = make_spectral_plan(frequency_indices(d_out, d_in, n, seed), d_out, d_in)
+        self.spectrum = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        d_out = self.base.out_features
+        return self.base(x) + spectral_apply(x, [self.spectrum], [self.plan], [self.scaling], d_out)
+
+
+def build(method: str, base: nn.Linear, n: int, scaling: float) -> nn.Module:
+    base = copy.deepcopy(base).requires_grad_(False)
+    if method == "frozen":
+        return base
+    if method == "ours":
+        return OursLinear(base, n, scaling)
+    from peft import FourierFTConfig, LoraConfig, get_peft_model
+
+    model = nn.Sequential()
+    model.add_module("lin", base)
+    config = (FourierFTConfig(n_frequency=n, scaling=scaling, target_modules=["lin"])
+              if method == "peft_fft" else LoraConfig(r=8, lora_alpha=16, target_modules=["lin"]))
+    return get_peft_model(model, config)
+
+
+def step(model: nn.Module, x: torch.Tensor) -> None:
+    model(x).square().mean().backward()
+    x.grad = None
+    for p in model.parameters():
+        p.grad = None
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(model, x)
+    return sum(seen.values())
+
+
+def peak_bytes(model: nn.Module, x: torch.Tensor) -> int | None:
+    """Peak of live CPU bytes allocated during one step (torch.profiler's memory timeline)."""
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True, record_shapes=True,
+                                    with_stack=True) as prof:
+            step(model, x)
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+        return int(max(sum(s) for s in sizes)) if sizes else 0
+    except Exception as err:  # private API: report nothing rather than fail the benchmark
+        print(f"peak memory unavailable: {err!r}")
+        return None
+
+
+def time_round_robin(models: dict[str, nn.Module], x: torch.Tensor, budget_s: float,
+                     min_reps: int) -> dict[str, list[float]]:
+    for m in models.values():
+        step(m, x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    start = time.perf_counter()
+    while min(len(v) for v in times.values()) < min_reps or time.perf_counter() - start < budget_s:
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            step(m, x)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > 4 * budget_s and min(len(v) for v in times.values()) >= 3:
+            break
+    return times
+
+
+def run_shape(d: int, tokens: int, n: int, scaling: float, methods: list[str], budget_s: float,
+              min_reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    base = nn.Linear(d, d)
+    models = {m: build(m, base, n, scaling) for m in methods}
+    x = torch.randn(tokens, d, requires_grad=True)
+    times = time_round_robin(models, x, budget_s, min_reps)
+    rows = []
+    for name, model in models.items():
+        rows.append(dict(d=d, tokens=tokens, n=n, method=name, reps=len(times[name]),
+                         median_ms=statistics.median(times[name]), min_ms=min(times[name]),
+                         saved_mb=saved_bytes(model, x) / 2**20, peak_mb=_mb(peak_bytes(model, x))))
+    ref = {r["method"]: r["median_ms"] for r in rows}
+    for r in rows:
+        r["vs_frozen"] = r["median_ms"] / ref["frozen"]
+        r["peft_fft_over_this"] = ref["peft_fft"] / r["median_ms"] if "peft_fft" in ref else None
+    return rows
+
+
+def _mb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'d':>5} {'T':>5} {'method':>10} {'median ms':>10} {'min ms':>9} {'x frozen':>9} "
+            f"{'peft/this':>9} {'saved MB':>9} {'peak MB':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        speed = f"{r['peft_fft_over_this']:9.2f}" if r["peft_fft_over_this"] else f"{'-':>9}"
+        print(f"{r['d']:5d} {r['tokens']:5d} {r['method']:>10} {r['median_ms']:10.2f} "
+              f"{r['min_ms']:9.2f} {r['vs_frozen']:9.2f} {speed} {r['saved_mb']:9.1f} "
+              f"{r['peak_mb'] if r['peak_mb'] is not None else float('nan'):9.1f}", flush=True)
+
+
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only (768, 1024) and (4096, 512)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--n", type=int, default=1000, help="FourierFT entries (default 1000)")
+    parser.add_argument("--scaling", type=float, default=150.0)
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timing per shape")
+    parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--methods", default="frozen,ours,peft_fft,peft_lora")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = ([(768, 1024), (4096, 512)] if args.quick else
+              [(d, t) for d in (768, 1024, 4096) for t in (128, 512, 2048)])
+    methods = args.methods.split(",")
+    load_start = _loadavg()
+    rows: list[dict] = []
+    for d, tokens in shapes:
+        shape_rows = run_shape(d, tokens, args.n, args.scaling, methods, args.budget, args.min_reps)
+        print_table(shape_rows)
+        rows += shape_rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor(),
+                machine=platform.machine(), what="forward+backward of one frozen nn.Linear step",
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+                loadavg_start=load_start, loadavg_end=_loadavg())
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
