@@ -235,7 +235,25 @@ def _block_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z.view(t, k, w).transpose(0, 1), blocks).transpose(0, 1).reshape(t, k * w)
 
 
-def _gather_plan(perms: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+class _PermuteColumns(torch.autograd.Function):
+    """``z[:, index]`` whose backward is the gather ``grad[:, inverse]`` (``index_select``'s own
+    backward is a scatter-add, several times slower)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return z.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+Plan = tuple  # m + 1 entries: None (identity) or (index, inverse index)
+
+
+def _gather_plan(perms: torch.Tensor) -> Plan:
     """Column gathers for ``z M``: before factors ``m-1, ..., 0`` and after factor 0 (``m + 1`` entries).
 
     ``z B_i = ((z P_i) blockdiag(Q_i)) P_i^T`` with ``z P_i = z[:, inv_i]`` and ``z P_i^T = z[:, perm_i]``.
@@ -246,17 +264,17 @@ def _gather_plan(perms: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     inv = torch.argsort(perms, dim=1)
     ident = torch.arange(n, device=perms.device)
     plan = [inv[m - 1]] + [perms[i][inv[i - 1]] for i in range(m - 1, 0, -1)] + [perms[0]]
-    return tuple(None if torch.equal(g, ident) else g for g in plan)
+    return tuple(None if torch.equal(g, ident) else (g, torch.argsort(g)) for g in plan)
 
 
-def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``z M`` for ``z`` of shape ``(T, n)``, factor ``m-1`` first: at most ``m + 1`` gathers, ``m`` bmms."""
     m = q.shape[0]
     for step in range(m):
         if plan[step] is not None:
-            z = z.index_select(1, plan[step])
+            z = _PermuteColumns.apply(z, *plan[step])
         z = _block_matmul(z, q[m - 1 - step])
-    return z if plan[m] is None else z.index_select(1, plan[m])
+    return z if plan[m] is None else _PermuteColumns.apply(z, *plan[m])
 
 
 def _memo(fn):
@@ -280,9 +298,13 @@ def _memo(fn):
 
 @_memo
 def _butterfly_plan(n: int, num: int, size: int, m: int, device: torch.device):
-    """Cached gather plans ``(for M, for M^T)`` of the standard butterfly permutations."""
-    perms = butterfly_permutations(n, num, size, m).to(device)
-    return _gather_plan(perms), _gather_plan(perms.flip(0))
+    """Cached gather plans ``(for M, for M^T)`` of the standard butterfly permutations (built on CPU)."""
+    perms = butterfly_permutations(n, num, size, m)
+
+    def move(plan: Plan) -> Plan:
+        return tuple(None if g is None else (g[0].to(device), g[1].to(device)) for g in plan)
+
+    return move(_gather_plan(perms)), move(_gather_plan(perms.flip(0)))
 
 
 @_memo
