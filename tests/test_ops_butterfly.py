@@ -217,6 +217,17 @@ def test_rotate_gradients_match_dense_path(geometry, seed):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("n,size,m", [(512, 32, 3), (1024, 64, 3), (512, 4, 7), (256, 2, 8)])
+def test_rotate_wide_rotations(n, size, m):
+    # Blocks wider than the chain limit (tiled identity) and beyond the fused limit (factor by factor).
+    gen = torch.Generator().manual_seed(n + m)
+    q = bf.cayley(torch.randn(m, n // size, size, size, dtype=torch.float64, generator=gen))
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=gen)
+    dense = reference_rotation(q, peft_permutations(n, n // size, size, m))
+    torch.testing.assert_close(bf.rotate(x, q), x @ dense)
+    torch.testing.assert_close(bf.rotate_transpose(x, q), x @ dense.T)
+
+
 def test_rotate_random_permutations_and_layouts():
     torch.manual_seed(0)
     m, num, size = 3, 5, 4

@@ -1,24 +1,23 @@
 """Pure tensor functions for BOFT (orthogonal butterfly fine-tuning).
 
-Notation (``n`` features, ``N`` blocks of size ``b``, ``N * b = n``, ``m`` butterfly factors):
+Notation: ``n`` features, ``N`` blocks of size ``b`` (``N b = n``), ``m`` butterfly factors.
 
-* ``R`` of shape ``(m, N, b, b)`` is the trainable ``boft_R``; ``Q = cayley(R)`` is orthogonal per block.
-* ``perms`` of shape ``(m, n)``: ``perms[i]`` is the block-butterfly permutation of factor ``i``
-  (row 0 is the identity). ``P_i[j, perms[i, j]] = 1``, so ``(P_i x)[j] = x[perms[i, j]]``.
-* Factor ``B_i = P_i blockdiag(Q_i) P_i^T`` and rotation ``M = B_{m-1} ... B_1 B_0``.
-* The adapter multiplies row vectors: ``rotate(x) = x M`` (PEFT computes ``base(x @ M)``).
+* ``R`` ``(m, N, b, b)`` is ``boft_R``; ``Q = cayley(R)`` is orthogonal per block.
+* ``perms`` ``(m, n)``: ``perms[i]`` is factor ``i``'s block-butterfly permutation (row 0 the identity),
+  ``P_i[j, perms[i, j]] = 1``, so ``(P_i x)[j] = x[perms[i, j]]``.
+* ``B_i = P_i blockdiag(Q_i) P_i^T`` and ``M = B_{m-1} ... B_1 B_0``; the adapter computes ``x M`` on
+  row vectors (PEFT: ``base(x @ M)``).
 
-Structure used for speed: for butterfly permutations, factor ``i`` only couples positions inside
-aligned chunks of ``b * 2**i`` features, so ``M`` is block diagonal with blocks of width
-``L = b * 2**(m - 1)``. When ``L`` is small, ``rotate`` builds those ``(n / L, L, L)`` blocks
-(never an ``n x n`` matrix) and applies them with one batched matmul; otherwise it applies the
-factors one by one with gathers and ``(N, b, b)`` batched matmuls.
+Speed: factor ``i`` of the butterfly permutations only mixes aligned chunks of ``b 2**i`` features, so
+``M`` is block diagonal with width ``L = b 2**(m-1)``. ``rotate`` builds those ``(n/L, L, L)`` blocks
+from ``Q`` and applies them with one batched matmul; for wide ``L`` it applies the factors one by one
+(gathers and small batched matmuls). No path builds an ``n x n`` matrix except ``dense_rotation``.
 """
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 
 import torch
 
@@ -33,21 +32,16 @@ __all__ = [
     "rotate_transpose",
     "dense_rotation",
     "multiplicative_dropout",
+    "prepare",
 ]
 
-# Widest diagonal block of M that `rotate` builds explicitly; wider rotations go factor by factor.
-_MAX_FUSED_WIDTH = 256
-# Preferred matmul width: tiny blocks are grouped up to this width (measured fastest on CPU GEMM).
-_GROUP_WIDTH = 32
-# Fused blocks up to this width are built as a chain of bmms, wider ones factor by factor.
-_CHAIN_MAX_WIDTH = 64
-# Below this block size, batched LAPACK inversion is fast; above it, `_inverse` recurses.
-_LAPACK_INV_MAX = 7
+# Thresholds measured on CPU (2 cores, MKL), see benchmarks/bench_butterfly_op.py:
+_MAX_FUSED_WIDTH = 256  # widest diagonal block of M that `rotate` builds; wider goes factor by factor
+_GROUP_WIDTH = 32  # narrower blocks are grouped up to this width: tiny GEMMs are slow
+_CHAIN_MAX_WIDTH = 64  # fused blocks up to this width come from a chain of bmms, wider from gathers
+_LAPACK_INV_MAX = 7  # batched LAPACK inversion is fast below 8x8 and slow above; `_inverse` recurses
 
 
-# ----------------------------------------------------------------------------------------------
-# Geometry and permutations
-# ----------------------------------------------------------------------------------------------
 def _valid_block_sizes(n: int, m: int) -> list[int]:
     """Block sizes ``b`` with ``n % b == 0`` that satisfy the butterfly constraints for ``m``."""
     sizes = [s for s in range(1, n + 1) if n % s == 0]
@@ -59,13 +53,10 @@ def _valid_block_sizes(n: int, m: int) -> list[int]:
 def block_geometry(n: int, block_size: int, block_num: int, n_butterfly_factor: int) -> tuple[int, int]:
     """Validate and complete a BOFT block geometry.
 
-    Exactly one of ``block_size`` / ``block_num`` may be 0; the other is derived from ``n``.
-    Both non-zero is accepted when ``block_size * block_num == n``.
-
-    With ``m = n_butterfly_factor > 1`` the permutations need ``b`` even (factors pair half blocks of
-    ``b / 2``) and ``N % 2**(m-1) == 0`` (factor ``i`` works on chunks of ``2**i`` whole blocks).
-    PEFT's remaining checks (``m-1 <= log2 N``, ``n % (b * 2**(m-1)) == 0``, ``N`` even) follow from
-    these two.
+    One of ``block_size`` / ``block_num`` may be 0 (derived from ``n``); both non-zero must multiply to
+    ``n``. For ``m > 1`` the permutations need exactly ``b`` even (factors pair half blocks) and
+    ``N % 2**(m-1) == 0`` (factor ``i`` permutes chunks of ``2**i`` whole blocks); PEFT's other checks
+    (``m-1 <= log2 N``, ``n % (b 2**(m-1)) == 0``, ``N`` even) follow from these two.
 
     Args:
         n: Number of input features (Linear ``in_features``; Conv2d ``in_channels * k * k``).
@@ -114,8 +105,7 @@ def block_geometry(n: int, block_size: int, block_num: int, n_butterfly_factor: 
 def block_butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
     """Block-butterfly permutation, identical to PEFT's ``BOFTLayer.block_butterfly_perm``.
 
-    The vector is cut into ``b`` chunks of ``c = n // b``; each chunk into ``c / r`` sub-blocks of
-    length ``r``, which are reordered even-indexed first, then odd-indexed:
+    ``b`` chunks of ``c = n / b``, each cut into sub-blocks of length ``r`` reordered even-indexed first:
     ``perm[k c + t r + j] = k c + seq[t] r + j`` with ``seq = [0, 2, 4, ..., 1, 3, 5, ...]``.
 
     Args:
@@ -156,16 +146,12 @@ def butterfly_permutations(n: int, block_num: int, block_size: int, m: int) -> t
     return torch.stack(rows)
 
 
-# ----------------------------------------------------------------------------------------------
-# Cayley transform
-# ----------------------------------------------------------------------------------------------
 def _inverse(a: torch.Tensor) -> torch.Tensor:
-    """Batched inverse of ``I + S`` (``S`` skew) by 2x2 block Schur recursion.
+    """Batched inverse of ``A = I + S`` (``S`` skew) by block Schur recursion down to LAPACK sizes.
 
-    Batched LAPACK inversion is fast for blocks below 8 and slow (per-matrix calls) above, so
-    larger blocks are split: with ``A = [[P, U], [V, W]]`` and Schur complement
-    ``Z = W - V P^-1 U``, ``A^-1 = [[P^-1 + P^-1 U Z^-1 V P^-1, -P^-1 U Z^-1], [-Z^-1 V P^-1, Z^-1]]``.
-    ``P`` and ``Z`` keep a positive definite symmetric part, so no pivoting is needed.
+    ``A = [[P, U], [V, W]]``, ``Z = W - V P^-1 U``:
+    ``A^-1 = [[P^-1 + P^-1 U Z^-1 V P^-1, -P^-1 U Z^-1], [-Z^-1 V P^-1, Z^-1]]``. ``P`` and ``Z`` keep a
+    positive definite symmetric part, so they are invertible and need no pivoting.
     """
     size = a.shape[-1]
     if size <= _LAPACK_INV_MAX:
@@ -222,59 +208,33 @@ def cayley(r: torch.Tensor) -> torch.Tensor:
     return _Cayley.apply(flat).reshape(r.shape).to(r.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Applying the rotation
-# ----------------------------------------------------------------------------------------------
-def _block_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``z @ blockdiag(blocks)`` for ``z`` of shape ``(T, K * w)`` and ``blocks`` ``(K, w, w)``.
-
-    One bmm over ``z`` viewed ``(K, T, w)`` (a strided view, no copy) and one copy back to ``(T, n)``.
-    """
-    t = z.shape[0]
-    k, w, _ = blocks.shape
-    return torch.bmm(z.view(t, k, w).transpose(0, 1), blocks).transpose(0, 1).reshape(t, k * w)
-
-
-class _PermuteColumns(torch.autograd.Function):
-    """``z[:, index]`` whose backward is the gather ``grad[:, inverse]`` (``index_select``'s own
-    backward is a scatter-add, several times slower)."""
+class _PermuteRows(torch.autograd.Function):
+    """``z[index]`` with the gather ``grad[inverse]`` as backward (index_select's is a slow scatter-add)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return z.index_select(1, index)
+        return z.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
+        return grad.index_select(0, ctx.saved_tensors[0]), None, None
 
 
-Plan = tuple  # m + 1 entries: None (identity) or (index, inverse index)
+Plan = tuple  # m + 1 gathers, each None (identity) or (index, inverse index)
 
 
 def _gather_plan(perms: torch.Tensor) -> Plan:
-    """Column gathers for ``z M``: before factors ``m-1, ..., 0`` and after factor 0 (``m + 1`` entries).
+    """Gathers for ``z M``: before factors ``m-1, ..., 0``, then after factor 0.
 
-    ``z B_i = ((z P_i) blockdiag(Q_i)) P_i^T`` with ``z P_i = z[:, inv_i]`` and ``z P_i^T = z[:, perm_i]``.
-    Consecutive ``P_i^T`` and ``P_{i-1}`` merge into the single gather ``perm_i[inv_{i-1}]``; identity
-    gathers become ``None``.
+    ``z B_i = ((z P_i) blockdiag(Q_i)) P_i^T`` with ``z P_i = z[:, inv_i]`` and ``z P_i^T = z[:, perm_i]``;
+    neighbouring ``P_i^T`` and ``P_{i-1}`` merge into one gather ``perm_i[inv_{i-1}]``.
     """
     m, n = perms.shape
     inv = torch.argsort(perms, dim=1)
     ident = torch.arange(n, device=perms.device)
     plan = [inv[m - 1]] + [perms[i][inv[i - 1]] for i in range(m - 1, 0, -1)] + [perms[0]]
     return tuple(None if torch.equal(g, ident) else (g, torch.argsort(g)) for g in plan)
-
-
-def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``z M`` for ``z`` of shape ``(T, n)``, factor ``m-1`` first: at most ``m + 1`` gathers, ``m`` bmms."""
-    m = q.shape[0]
-    for step in range(m):
-        if plan[step] is not None:
-            z = _PermuteColumns.apply(z, *plan[step])
-        z = _block_matmul(z, q[m - 1 - step])
-    return z if plan[m] is None else _PermuteColumns.apply(z, *plan[m])
 
 
 def _memo(fn):
@@ -297,76 +257,113 @@ def _memo(fn):
 
 
 @_memo
-def _butterfly_plan(n: int, num: int, size: int, m: int, device: torch.device):
-    """Cached gather plans ``(for M, for M^T)`` of the standard butterfly permutations (built on CPU)."""
+def _butterfly_plan(n: int, num: int, size: int, m: int, device: torch.device) -> tuple[Plan, Plan]:
+    """Gather plans ``(for M, for M^T)`` of the butterfly permutations, built on CPU (no device sync)."""
     perms = butterfly_permutations(n, num, size, m)
-
-    def move(plan: Plan) -> Plan:
-        return tuple(None if g is None else (g[0].to(device), g[1].to(device)) for g in plan)
-
+    move = lambda plan: tuple(g and (g[0].to(device), g[1].to(device)) for g in plan)  # noqa: E731
+    logger.debug("BOFT n=%d b=%d m=%d: rotation block width %d", n, size, m, _fused_width(n, size, m) or n)
     return move(_gather_plan(perms)), move(_gather_plan(perms.flip(0)))
 
 
 @_memo
+def _group_positions(size: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat positions of block ``k``'s entry ``(a, c)``, i.e. ``(k b + a, k b + c)``, in a width group."""
+    k = torch.arange(width // size)[:, None, None] * size
+    a = torch.arange(size)
+    return ((k + a[:, None]) * width + k + a).reshape(-1).to(device)
+
+
+@_memo
 def _embedding(n: int, num: int, size: int, m: int, width: int, device: torch.device) -> torch.Tensor:
-    """Flat positions ``(m, g b b)`` of each ``Q_i`` entry inside a ``width x width`` window of ``B_i``.
+    """Flat positions ``(m, g b b)`` of each ``Q_i`` entry in a ``width x width`` window of ``B_i``.
 
-    ``B_i[u, v] = D_i[p(u), p(v)]`` (``p`` = the factor's permutation restricted to one window, the same
-    for all windows), so block ``k`` entry ``(a, c)`` lands at ``(p^-1(k b + a), p^-1(k b + c))``.
+    ``B_i[u, v] = D_i[p(u), p(v)]`` with ``p`` the factor's permutation on one window (the same in all
+    windows), so block ``k``'s entry ``(a, c)`` lands at ``(p^-1(k b + a), p^-1(k b + c))``.
     """
-    perms = butterfly_permutations(n, num, size, m)[:, :width]
-    inv = torch.argsort(perms, dim=1)  # (m, width)
+    inv = torch.argsort(butterfly_permutations(n, num, size, m)[:, :width], dim=1)
     rows = (torch.arange(width // size)[:, None] * size + torch.arange(size)).reshape(-1, size, 1)
-    cols = rows.transpose(1, 2)
-    pos = inv[:, rows] * width + inv[:, cols]  # (m, g, b, b)
-    return pos.reshape(m, -1).to(device)
+    return (inv[:, rows] * width + inv[:, rows.mT]).reshape(m, -1).to(device)
 
 
-def _fused_width(n: int, size: int, m: int) -> int:
-    """Matmul width for the fused path, or 0 when it does not apply.
-
-    ``M`` is block diagonal with width ``L = b 2**(m-1)``; any multiple of ``L`` dividing ``n`` works.
-    Small ``L`` is grouped up to ``_GROUP_WIDTH`` (faster GEMM). The width stays below ``n``, so no
-    ``n x n`` tensor is ever built.
-    """
-    width = size * 2 ** (m - 1)
-    if width > _MAX_FUSED_WIDTH or width >= n or n % width != 0:
-        return 0
+def _group_width(n: int, width: int) -> int:
+    """Double ``width`` towards ``_GROUP_WIDTH`` (tiny GEMMs are slow), keeping it a divisor below ``n``."""
     while width < _GROUP_WIDTH and n % (2 * width) == 0 and 2 * width < n:
         width *= 2
     return width
 
 
+def _fused_width(n: int, size: int, m: int) -> int:
+    """Width of ``M``'s diagonal blocks for the fused path (grouped up), or 0 to go factor by factor."""
+    width = size * 2 ** (m - 1)
+    if width > _MAX_FUSED_WIDTH or width >= n or n % width != 0:
+        return 0
+    return _group_width(n, width)
+
+
 def prepare(num: int, size: int, m: int, device: torch.device | str) -> None:
-    """Build the cached permutation plans of a geometry on ``device`` now, outside any torch.compile trace."""
+    """Build the cached index tensors of a geometry on ``device`` now, outside any torch.compile trace."""
     device, n = torch.device(device), num * size
     _butterfly_plan(n, num, size, m, device)
+    if _group_width(n, size) != size:
+        _group_positions(size, _group_width(n, size), device)
     width = _fused_width(n, size, m)
     if width and width <= _CHAIN_MAX_WIDTH:
         _embedding(n, num, size, m, width, device)
 
 
-def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
-    """Diagonal blocks ``(n / width, width, width)`` of ``M`` for the butterfly permutations.
+def _grouped(q: torch.Tensor, width: int) -> torch.Tensor:
+    """``(N, b, b)`` blocks regrouped as the same block diagonal in ``(N b / width, width, width)``."""
+    num, size, _ = q.shape
+    if width == size:
+        return q
+    flat = q.reshape(num * size // width, -1)
+    pos = _group_positions(size, width, q.device)
+    return q.new_zeros(flat.shape[0], width * width).index_copy(1, pos, flat).view(-1, width, width)
 
-    Narrow windows: embed each ``Q_i`` as ``B_i`` windows (one ``index_copy``) and multiply the chain
-    ``B_{m-1} ... B_0`` (``m - 1`` bmms of ``n width^2``). Wide windows: rotate a tiled identity
-    ``[I I ... I]`` (``width x n``) factor by factor (``n width b`` per factor); as ``M`` is block
-    diagonal with this width, the rows of the result are the blocks.
+
+def _block_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``z blockdiag(blocks)`` for ``z`` ``(T, K w)``: one bmm on the strided ``(K, T, w)`` view, one copy."""
+    t, (k, w, _) = z.shape[0], blocks.shape
+    return torch.bmm(z.view(t, k, w).transpose(0, 1), blocks).transpose(0, 1).reshape(t, k * w)
+
+
+def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``z M`` factor by factor (``m-1`` first) with at most ``m + 1`` gathers and ``m`` bmms.
+
+    Works on ``z^T`` ``(n, T)``: column permutations become contiguous row gathers, and
+    ``(z blockdiag(Q))^T = blockdiag(Q^T) z^T`` is a bmm on contiguous ``(K, w, T)`` slabs. Returns a
+    ``(T, n)`` view of ``(z M)^T``.
+    """
+    m, num, size, _ = q.shape
+    n, t = num * size, z.shape[0]
+    width = _group_width(n, size)
+    zt = z.t()
+    for step in range(m):
+        if plan[step] is not None:
+            zt = _PermuteRows.apply(zt, *plan[step])
+        zt = torch.bmm(_grouped(q[m - 1 - step], width).mT, zt.reshape(n // width, width, t)).view(n, t)
+    return (zt if plan[m] is None else _PermuteRows.apply(zt, *plan[m])).t()
+
+
+def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
+    """``M``'s diagonal blocks ``(n / width, width, width)`` for the butterfly permutations.
+
+    Up to ``_CHAIN_MAX_WIDTH``: embed each ``Q_i`` as the windows of ``B_i`` (one ``index_copy``) and
+    multiply ``B_{m-1} ... B_0`` (``m - 1`` bmms of ``n width^2``). Wider: rotate the tiled identity
+    ``[I ... I]`` (``width x n``) factor by factor; ``M`` being block diagonal, its windows are the blocks.
     """
     m, num, size, _ = q.shape
     n, windows = num * size, num * size // width
     if width <= _CHAIN_MAX_WIDTH:
-        pos = _embedding(n, num, size, m, width, q.device)
-        flat = q.reshape(m, windows, -1)
+        pos, flat = _embedding(n, num, size, m, width, q.device), q.reshape(m, windows, -1)
         factors = [q.new_zeros(windows, width * width).index_copy(1, pos[i], flat[i]) for i in range(m)]
         blocks = factors[m - 1].view(windows, width, width)
         for i in range(m - 2, -1, -1):
             blocks = torch.bmm(blocks, factors[i].view(windows, width, width))
         return blocks
-    tile = torch.eye(width, dtype=q.dtype, device=q.device).repeat(1, windows)
-    blocks = _rotate_by_factors(tile, q, _butterfly_plan(n, num, size, m, q.device)[0])
-    return blocks.view(width, windows, width).transpose(0, 1).contiguous()  # strided bmm operands are slow
+    tile_t = torch.eye(width, dtype=q.dtype, device=q.device).repeat(windows, 1)  # (n, width)
+    blocks_t = _rotate_by_factors(tile_t.t(), q, _butterfly_plan(n, num, size, m, q.device)[0]).t()
+    return blocks_t.reshape(windows, width, width).mT
 
 
 def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpose: bool) -> torch.Tensor:
@@ -383,75 +380,68 @@ def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpo
     if width:
         blocks = _fused_blocks(q, width).to(x.dtype)
         return _block_matmul(z, blocks.mT if transpose else blocks).view(x.shape)
-    # M^T = B_0^T ... B_{m-1}^T: the same algorithm with the factors reversed and blocks transposed.
     if perms is None:
         plan = _butterfly_plan(n, num, size, m, x.device)[int(transpose)]
     else:
         plan = _gather_plan(perms.flip(0) if transpose else perms)
+    # M^T = B_0^T ... B_{m-1}^T: the same algorithm with the factors reversed and the blocks transposed.
     q = q.flip(0).mT if transpose else q
-    return _rotate_by_factors(z, q.to(x.dtype), plan).view(x.shape)
+    return _rotate_by_factors(z, q.to(x.dtype), plan).reshape(x.shape)
 
 
 def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate row vectors: ``x M`` with ``M = B_{m-1} ... B_0``, ``B_i = P_i blockdiag(Q_i) P_i^T``.
+    """Rotate row vectors: ``x M`` with ``M = B_{m-1} ... B_0`` and ``B_i = P_i blockdiag(Q_i) P_i^T``.
 
-    Never builds an ``n x n`` matrix. Differentiable with plain autograd (gathers and bmms).
+    Never builds an ``n x n`` matrix; differentiable with plain autograd. Paths:
 
-    * ``perms=None`` (the BOFT case): the standard butterfly permutations of ``Q``'s geometry.
-      When ``L = b 2**(m-1) <= 256`` (and ``L < n``), ``M``'s ``(n/L, L, L)`` diagonal blocks are
-      built from ``Q`` and applied with one batched matmul (cost ``O(T n L)``, fast GEMM).
-    * Otherwise factor by factor, ``m-1`` first: ``z <- z P_i`` (a gather with ``perm_i^{-1}``),
-      ``z <- z blockdiag(Q_i)`` (bmm of ``z`` viewed ``(T, N, b)``), ``z <- z P_i^T`` (a gather with
-      ``perm_i``); neighbouring gathers are merged and identities skipped: ``m`` gathers, ``m`` bmms.
+    * ``perms=None`` (BOFT) and ``L = b 2**(m-1) <= 256``, ``L < n``: build ``M``'s ``(n/L, L, L)``
+      diagonal blocks from ``Q`` and apply them with one bmm (``O(T n L)`` in a fast GEMM).
+    * Otherwise factor by factor, ``m-1`` first: ``z P_i`` (gather with ``perm_i^-1``), ``z blockdiag(Q_i)``
+      (bmm), ``z P_i^T`` (gather with ``perm_i``), neighbouring gathers merged, identities skipped.
 
     Args:
-        x: Input of shape ``(..., n)``; any rank, layout, and number of rows (including 0).
-        q: Orthogonal blocks of shape ``(m, N, b, b)`` (``cayley(boft_R)``); cast to ``x.dtype``.
-        perms: Optional ``(m, n)`` permutations (explicit ones take the factor-by-factor path).
+        x: Input ``(..., n)``: any rank and layout, any number of rows (0 included).
+        q: Orthogonal blocks ``(m, N, b, b)``, usually ``cayley(boft_R)``; cast to ``x.dtype``.
+        perms: ``(m, n)`` permutations; ``None`` (fast) means the standard butterfly ones.
 
     Returns:
-        ``x M`` with the shape and dtype of ``x``.
+        ``x M``, shaped and typed like ``x`` (possibly a non-contiguous view).
     """
     return _apply(x, q, perms, transpose=False)
 
 
 def rotate_transpose(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
-    """``x M^T`` (the inverse rotation), same arguments and cost as :func:`rotate`.
+    """``x M^T`` (the inverse rotation); arguments and cost as :func:`rotate`.
 
-    ``M^T = B_0^T ... B_{m-1}^T`` with ``B_i^T = P_i blockdiag(Q_i^T) P_i^T``. Merging uses it:
-    ``W' = diag(s) W M^T = diag(s) rotate_transpose(W, Q)``; unmerging is ``rotate(W', Q) / s``.
+    Merging: ``W' = diag(s) W M^T = s * rotate_transpose(W, Q)``; unmerging: ``W = rotate(W', Q) / s``.
     """
     return _apply(x, q, perms, transpose=True)
 
 
 def dense_rotation(q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``(n, n)`` rotation ``M = B_{m-1} ... B_0`` (for merging and tests only).
+    """The ``(n, n)`` matrix ``M`` (PEFT's ``get_delta_weight``; the only place it is built).
 
     Args:
         q: Blocks ``(m, N, b, b)``.
         perms: ``(m, n)`` permutations; ``None`` means the standard butterfly ones.
 
     Returns:
-        ``M`` in ``q``'s dtype; ``rotate(x, q, perms) == x @ M``. For ``m = 1``, ``blockdiag(Q_0)``.
+        Contiguous ``M`` in ``q``'s dtype, ``rotate(x, q, perms) == x @ M``; ``blockdiag(Q_0)`` if ``m = 1``.
     """
     eye = torch.eye(q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-    return _apply(eye, q, perms, transpose=False)
+    return _apply(eye, q, perms, transpose=False).contiguous()
 
 
-# ----------------------------------------------------------------------------------------------
-# Multiplicative dropout
-# ----------------------------------------------------------------------------------------------
 def multiplicative_dropout(
     q: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """BOFT multiplicative dropout on the Cayley blocks, with PEFT's exact semantics.
 
-    In training with ``p > 0``: one factor ``f = torch.randint(0, m)`` is drawn, then
-    ``k = int(p * N)`` of its blocks (the first ``k`` of ``torch.randperm(N)``... as a shuffled mask)
-    are replaced by the identity; other factors are untouched. ``int`` floors, so ``p * N < 1``
-    drops nothing. Random numbers come from the CPU ``generator`` (default: the global RNG) in
-    PEFT's order, ``randint`` then ``randperm``, so equal seeds give PEFT's result. Otherwise
-    (eval or ``p == 0``) ``q`` is returned unchanged and no random number is drawn.
+    Training with ``p > 0``: draw one factor ``f = torch.randint(0, m)``, then replace ``k = int(p N)``
+    of its blocks, chosen by shuffling the mask ``[1]*k + [0]*(N-k)`` with ``torch.randperm(N)``, by
+    the identity; other factors are untouched. ``int`` floors: ``p N < 1`` drops nothing. Random numbers
+    come from the CPU ``generator`` (default: global RNG) in PEFT's order, so equal seeds give PEFT's
+    result. In eval or with ``p == 0``, ``q`` is returned as is and no random number is drawn.
 
     Args:
         q: Blocks ``(m, N, b, b)``.
