@@ -32,8 +32,11 @@ Backward is the same map with the roles of ``(p, d_out)`` and ``(q, d_in)`` swap
     \big(\mathrm{Re} R_{t,g_i} \mathrm{Re} G_{t,h_i} + \sigma_i \mathrm{Im} R_{t,g_i}
     \mathrm{Im} G_{t,h_i}\big).
 
-Cost per step: ``O(T (d_in log d_in + d_out log d_out) + T n)``; no tensor of ``d_out * d_in``
-elements is created on the spectral path.
+Cost per step: ``O(T (d_in log d_in + d_out log d_out) + T n)``: five FFTs of ``T`` rows (forward
+``rfft``/``irfft``; backward ``rfft(dL/dy)``, ``rfft(x)`` recomputed, ``irfft``) and gathers/scatters
+over ``T x n`` entries, done in token blocks of ``2**17`` values on CPU. No tensor of
+``d_out * d_in`` elements is created while gradients are needed; without gradients,
+:func:`choose_path` may pick the dense route (``ifft2`` then one GEMM) for small layers.
 """
 
 from __future__ import annotations
