@@ -10,6 +10,7 @@ import copy
 import peft
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fourierft
 from fourierft import FourierFTConfig, FourierFTLinear
@@ -295,3 +296,37 @@ def test_safe_merge_rejects_nan_and_keeps_weights():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)
     assert not any(m.merged for m in model.modules() if isinstance(m, FourierFTLinear))
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any op allocates (views of existing storage, like ``W.t()``, are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs \
+                    and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_unmerged_training_step_never_builds_the_weight_change(conv1d):
+    from transformers.pytorch_utils import Conv1D
+
+    d_in, d_out, tokens = 96, 80, 4
+    layer = Conv1D(d_out, d_in) if conv1d else torch.nn.Linear(d_in, d_out)
+    model = fourierft.get_peft_model(torch.nn.Sequential(layer), FourierFTConfig(target_modules=["0"], n_frequency=500))
+    model.train()
+    x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    with _LargestOutput() as mode:
+        model(x).square().sum().backward()
+    assert mode.largest < d_out * d_in, mode.op
+    assert model.base_model.model[0].fourierft_spectrum["default"].grad is not None
