@@ -132,6 +132,20 @@ def test_tied_state_dict_saves_with_safetensors_and_loads_back(tmp_path, make_ba
     assert len({id(v) for v in live.values()}) < len(live)
 
 
+def test_quantized_base_is_accepted_for_training():
+    """Trainer refuses a quantized base (GGUF, bitsandbytes) unless adapters are attached; ours count."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    base = build("llama")
+    base.is_quantized = True  # what loading a GGUF (or bitsandbytes) checkpoint sets
+    base.hf_quantizer = SimpleNamespace(is_trainable=True, is_qat_trainable=False)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(base)
+    validate_quantization_for_training(get_peft_model(base, FourierFTConfig(task_type="CAUSAL_LM", n_frequency=8)))
+
+
 # ------------------------------------------------------------------------------------- stock Trainer
 @pytest.mark.parametrize("make_base", [tied_gpt2, tied_llama], ids=["gpt2", "llama"])
 def test_stock_trainer_trains_checkpoints_and_resumes_tied_model(tmp_path, make_base):

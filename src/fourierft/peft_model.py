@@ -46,6 +46,8 @@ class PeftModel(nn.Module):
     task_modules_to_save: tuple[str, ...] = ()
     #: Read by ``transformers.Trainer`` after loading a checkpoint; our state dict omits nothing.
     _keys_to_ignore_on_save = None
+    #: Tells ``transformers.Trainer`` that adapters are attached, so it trains a quantized (e.g. GGUF) base.
+    _hf_peft_config_loaded = True
 
     def __init__(
         self,

@@ -14,8 +14,8 @@ overrides four of Trainer's hooks:
 * ``create_optimizer``: separate learning rates for the adapter tensors and for the rest (head,
   ``modules_to_save``, trainable biases); see :func:`~fourierft.integrations.optim.adapter_param_groups`.
 
-These are private Trainer methods (checked against transformers 4.45 to 5.x); any other model, and the
-DeepSpeed/FSDP paths, go to Trainer's own implementation.
+Three of them are private Trainer methods (tested with transformers 5.24; their signatures are unchanged
+since 4.45); any other model, and the DeepSpeed/FSDP paths, go to Trainer's own implementation.
 """
 
 from __future__ import annotations
@@ -104,7 +104,10 @@ class AdapterTrainer(Trainer):
 
     def _adapter_model(self, model: Optional[nn.Module] = None) -> Optional[PeftModel]:
         model = self.model if model is None else model
-        model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        try:
+            model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        except TypeError:  # accelerate < 1.2 has no keep_torch_compile
+            model = getattr(self.accelerator.unwrap_model(model), "_orig_mod", model)
         return model if isinstance(model, PeftModel) else None
 
     def _distributed_state(self) -> bool:
