@@ -122,8 +122,7 @@ def band_frequency_indices(d_out: int, d_in: int, n: int, seed: int, center: flo
     ``w / Exp(1)`` keys), without ``multinomial``'s limit of ``2**24`` bins.
 
     Args:
-        d_out: rows of the weight.
-        d_in: columns of the weight.
+        d_out, d_in: the weight's shape.
         n: number of entries, ``1 <= n <= d_out * d_in``.
         seed: seed of the CPU generator.
         center: band centre in normalised radial frequency, in ``[0, 0.75]``.
@@ -155,9 +154,8 @@ def dense_delta_weight(spectrum: torch.Tensor, indices: torch.Tensor, d_out: int
 
     Args:
         spectrum: coefficients ``c``, shape ``(n,)``.
-        indices: ``(2, n)`` entries from :func:`frequency_indices`.
-        d_out: rows of the weight.
-        d_in: columns of the weight.
+        indices: ``(2, n)`` entries (rows ``p``, columns ``q``) from :func:`frequency_indices`.
+        d_out, d_in: the weight's shape.
         scaling: the adapter's scaling ``a``.
 
     Returns:
@@ -217,8 +215,7 @@ def make_spectral_plan(indices: torch.Tensor, d_out: int, d_in: int,
 
     Args:
         indices: ``(2, n)`` int64 entries (rows ``p < d_out``, columns ``q < d_in``).
-        d_out: rows of the weight.
-        d_in: columns of the weight.
+        d_out, d_in: the weight's shape.
         device: where the plan's tensors live (default: the device of ``indices``).
 
     Returns:
@@ -391,23 +388,13 @@ _NS_OVERHEAD = 80_000.0  # fixed cost of the spectral path's ~15 kernel launches
 
 
 def choose_path(tokens: int, d_out: int, d_in: int, n_total: int, needs_grad: bool) -> str:
-    """Which path :func:`spectral_apply` takes: ``"spectral"`` or ``"dense"``.
+    """Which path :func:`spectral_apply` takes for ``tokens`` rows: ``"spectral"`` or ``"dense"``.
 
-    Training (``needs_grad``) always takes the spectral path, which never builds a
-    ``d_out x d_in`` tensor. Without gradients the dense path (build ``dW`` with ``ifft2``, then
-    one GEMM) is taken when a cost model says it is cheaper, in practice for small layers with many
-    tokens (one thread: d=64, n=1000, 512 tokens: 0.15 ms dense vs 1.16 ms spectral; d=256:
-    0.81 vs 1.48 ms; d=768: 7.3 vs 2.6 ms, so spectral).
-
-    Args:
-        tokens: number of input rows ``T``.
-        d_out: output features.
-        d_in: input features.
-        n_total: entries summed over the adapters.
-        needs_grad: whether autograd will differentiate the result.
-
-    Returns:
-        ``"spectral"`` or ``"dense"``.
+    With ``needs_grad`` (training) always ``"spectral"``: it never builds a ``d_out x d_in``
+    tensor. Without gradients, ``"dense"`` (``dW`` by ``ifft2``, then one GEMM) when the cost model
+    above says it is cheaper: small layers with enough tokens (one thread, n=1000, 512 tokens:
+    d=64 0.15 ms dense vs 1.16 ms spectral; d=256 0.81 vs 1.48 ms; d=768 7.3 vs 2.6 ms).
+    ``n_total`` is the entry count summed over the adapters.
     """
     if needs_grad or tokens == 0:
         return "spectral"
