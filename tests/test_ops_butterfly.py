@@ -350,3 +350,27 @@ def test_no_dense_matrix_in_forward_or_backward(size, m, explicit):
     assert rec.sizes, "dispatch mode recorded nothing"
     biggest = max(rec.sizes, key=lambda item: item[1])
     assert biggest[1] < n * n, biggest
+
+
+# ---------------------------------------------------------------------------------------------
+# Output scale
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("chunk", [16, 1 << 18])
+def test_scale_output_matches_peft_formula(monkeypatch, with_bias, chunk):
+    monkeypatch.setattr(bf, "_SCALE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(4, 9, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    s = (torch.rand(7, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, generator=gen).requires_grad_() if with_bias else None
+    g = torch.randn(4, 9, 7, dtype=torch.float64, generator=gen)
+    ref = (y - b) * s + b if with_bias else y * s
+    ours = bf.scale_output(y, s, b)
+    torch.testing.assert_close(ours, ref)
+    inputs = (y, s, b) if with_bias else (y, s)
+    expected = torch.autograd.grad(ref, inputs, g)
+    for a, r in zip(torch.autograd.grad(ours, inputs, g), expected):
+        torch.testing.assert_close(a, r)
+    # Only the scale trains (frozen input path): no gradient for y is computed.
+    (gs,) = torch.autograd.grad(bf.scale_output(y.detach(), s, b.detach() if with_bias else None), s, g)
+    torch.testing.assert_close(gs, expected[1])
