@@ -221,22 +221,19 @@ class BOFTLinear(_BOFTLayer):
         scale = None
         for name in reversed(adapter_names):  # x M_k ... M_1, which equals merging adapter 1 first
             q = self.rotation_blocks(name, dropout=True)
-            z = butterfly.rotate(z, q.to(x.dtype))
+            z = butterfly.rotate(z, q)  # blocks stay >= fp32; rotate casts its result to x's dtype once
         for name in adapter_names:
             s = self._scale(name)
             scale = s if scale is None else scale * s
         y = self.base_layer(z, *args, **kwargs)
-        scale = scale.to(y.dtype)
-        if base.bias is None:
-            return y * scale
-        return (y - base.bias) * scale + base.bias
+        return butterfly.scale_output(y, scale.to(y.dtype), base.bias)
 
 
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """Each group's samples rotated by its adapter, one base matmul, then per-sample scales."""
         base = self.get_base_layer()
         index = torch.cat(list(groups.values()))
-        rotated = [butterfly.rotate(x[i], self.rotation_blocks(n, dropout=True).to(x.dtype)) for n, i in groups.items()]
+        rotated = [butterfly.rotate(x[i], self.rotation_blocks(n, dropout=True)) for n, i in groups.items()]
         z = x.index_copy(0, index, torch.cat(rotated))  # one scatter, not one per adapter
         scales = [self._scale(n).to(x.dtype).expand(i.numel(), -1) for n, i in groups.items()]
         scale = torch.ones(x.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
