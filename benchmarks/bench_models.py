@@ -158,9 +158,11 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads; use 1 on a shared machine, where waiting threads distort timings")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "models.json"))
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.layers, args.batch, args.tokens, args.repeats, args.new_tokens = 256, 2, 4, 64, 3, 8
     else:

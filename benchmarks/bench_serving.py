@@ -112,11 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model and batch")
     parser.add_argument("--methods", default="fourierft,boft")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads; use 1 on a shared machine, where waiting threads distort timings")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
     args = parser.parse_args()
     args.hidden, args.layers, args.batch, args.tokens = (256, 2, 64, 32) if args.quick else (768, 4, 64, 64)
     args.repeats, args.max_k, args.load_k = (3, 64, 16) if args.quick else (5, 64, 64)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     rows = []
     for method in args.methods.split(","):
         rows += bench_method(method, args)
