@@ -122,7 +122,8 @@ def band_frequency_indices(d_out: int, d_in: int, n: int, seed: int, center: flo
     ``w / Exp(1)`` keys), without ``multinomial``'s limit of ``2**24`` bins.
 
     Args:
-        d_out, d_in: the weight's shape.
+        d_out: rows of the weight.
+        d_in: columns of the weight.
         n: number of entries, ``1 <= n <= d_out * d_in``.
         seed: seed of the CPU generator.
         center: band centre in normalised radial frequency, in ``[0, 0.75]``.
@@ -155,7 +156,8 @@ def dense_delta_weight(spectrum: torch.Tensor, indices: torch.Tensor, d_out: int
     Args:
         spectrum: coefficients ``c``, shape ``(n,)``.
         indices: ``(2, n)`` entries (rows ``p``, columns ``q``) from :func:`frequency_indices`.
-        d_out, d_in: the weight's shape.
+        d_out: rows of the weight.
+        d_in: columns of the weight.
         scaling: the adapter's scaling ``a``.
 
     Returns:
@@ -215,7 +217,8 @@ def make_spectral_plan(indices: torch.Tensor, d_out: int, d_in: int,
 
     Args:
         indices: ``(2, n)`` int64 entries (rows ``p < d_out``, columns ``q < d_in``).
-        d_out, d_in: the weight's shape.
+        d_out: rows of the weight.
+        d_in: columns of the weight.
         device: where the plan's tensors live (default: the device of ``indices``).
 
     Returns:
