@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import torch
 import fourierft
 from fourierft import BOFTConfig, FourierFTConfig, PeftModel
 from fourierft.methods import fourierft as fourierft_method
+
+from bench_models import median_time  # same folder: one timing rule for every benchmark
 
 
 def build_base(hidden: int, layers: int, vocab: int = 2048):
@@ -46,16 +47,6 @@ def make_config(method: str, i: int):
     return BOFTConfig(task_type="CAUSAL_LM", boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
 def adapter_bytes(model, name: str) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.endswith("." + name))
 
@@ -72,17 +63,17 @@ def bench_method(method: str, args) -> list[dict]:
     rows = []
     with torch.inference_mode():
         model.set_adapter("a0")
-        single = timed(lambda: model(input_ids=ids), args.repeats)
+        single = median_time(lambda: model(input_ids=ids), args.repeats)
         for k in ks:
             names = [f"a{i % k}" for i in range(args.batch)]
-            mixed = timed(lambda: model(input_ids=ids, adapter_names=names), args.repeats)
+            mixed = median_time(lambda: model(input_ids=ids, adapter_names=names), args.repeats)
 
             def separate():
                 for j in range(k):
                     model.set_adapter(f"a{j}")
                     model(input_ids=ids[j::k])
 
-            sep = timed(separate, args.repeats)
+            sep = median_time(separate, args.repeats)
             rows.append({"method": method, "K": k, "single_ms": 1e3 * single, "mixed_ms": 1e3 * mixed,
                          "separate_ms": 1e3 * sep, "mixed_over_single": mixed / single,
                          "separate_over_mixed": sep / mixed})
