@@ -50,6 +50,7 @@ class RunConfig:
     boft_block_size: int = 4
     boft_n_butterfly_factor: int = 2
     warmup: float = 0.06
+    sampling: str = "group_by_length"  # batches of similar lengths: about half the padding of random batches
     weight_decay: float = 0.0
     seed: int = 0
     out_dir: str = "runs"
@@ -128,6 +129,7 @@ def training_args(cfg: RunConfig, out: str, learning_rate: float) -> TrainingArg
         output_dir=out, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=128, learning_rate=learning_rate, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
+        train_sampling_strategy=cfg.sampling,
         logging_steps=50, report_to="none", seed=cfg.seed, dataloader_pin_memory=torch.cuda.is_available(),
         **cfg.extra,
     )
