@@ -157,6 +157,14 @@ def print_table(rows: list[dict]) -> None:
               f"{r['peak_mb'] if r['peak_mb'] is not None else float('nan'):9.1f}", flush=True)
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def _loadavg() -> float | None:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -190,7 +198,7 @@ def main() -> None:
         print_table(shape_rows)
         rows += shape_rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor(),
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=_cpu_name(),
                 machine=platform.machine(), what="forward+backward of one frozen nn.Linear step",
                 clock=args.clock,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
