@@ -14,8 +14,7 @@ overrides four of Trainer's hooks:
 * ``create_optimizer``: separate learning rates for the adapter tensors and for the rest (head,
   ``modules_to_save``, trainable biases); see :func:`~fourierft.integrations.optim.adapter_param_groups`.
 
-Three of them are private Trainer methods (tested with transformers 5.24; their signatures are unchanged
-since 4.45); any other model, and the DeepSpeed/FSDP paths, go to Trainer's own implementation.
+Three of them are private Trainer methods (tested with transformers 5.24 only); any other model, and the DeepSpeed/FSDP paths, go to Trainer's own implementation.
 """
 
 from __future__ import annotations
