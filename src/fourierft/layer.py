@@ -26,38 +26,12 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class BufferDict(nn.Module):
-    """Per-adapter tensors kept as non-persistent buffers: they follow ``.to()`` but are never saved."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._keys: list[str] = []
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.register_buffer(key, value, persistent=False)
-        if key not in self._keys:
-            self._keys.append(key)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __delitem__(self, key: str) -> None:
-        del self._buffers[key]
-        self._keys.remove(key)
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-
 class AdapterLayer(nn.Module):
     """Base class of every adapted layer (see the module docstring for the method contract)."""
 
     #: ParameterDict attributes holding each adapter's trainable tensors, e.g. ``("fourierft_spectrum",)``.
     adapter_layer_names: tuple[str, ...] = ()
-    #: Other per-adapter attributes (dicts or BufferDicts) removed on ``delete_adapter``.
+    #: Other per-adapter attributes (plain dicts) removed on ``delete_adapter``.
     other_param_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -241,12 +215,6 @@ class AdapterLayer(nn.Module):
             if autocast_adapter_dtype and data.dtype in (torch.float16, torch.bfloat16):
                 data = data.float()
             param.data = data
-        for attr in self.other_param_names:
-            store = getattr(self, attr)
-            if isinstance(store, BufferDict) and adapter_name in store:
-                store[adapter_name] = store[adapter_name].to(weight.device)
-            elif isinstance(store, nn.ModuleDict) and adapter_name in store:
-                store[adapter_name].to(weight.device)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"
