@@ -155,7 +155,8 @@ def test_boft_rotation_is_orthogonal(geometry, magnitude, seed, dtype):
     R = (torch.randn(m, n // size, size, size, generator=gen, dtype=torch.float64) * magnitude).to(dtype)
     Q = butterfly.cayley(R)
     M = butterfly.dense_rotation(Q)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    # Cayley's rounding error grows with cond(I + S) ~ |R|: float32 needs a tolerance that scales with it
+    tol = max(1e-12 if dtype == torch.float64 else 2e-5, 8 * torch.finfo(dtype).eps * (1 + magnitude))
     eye = torch.eye(n, dtype=dtype)
     torch.testing.assert_close(M @ M.T, eye, atol=tol * n, rtol=0)
     torch.testing.assert_close(M.T @ M, eye, atol=tol * n, rtol=0)
