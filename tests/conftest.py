@@ -7,6 +7,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI draws the same examples every run (a fresh clone has no example database to replay failures from)
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
