@@ -18,6 +18,7 @@ from fourierft.ops.spectral import (
     plan_buffers,
     plan_from_buffers,
     spectral_apply,
+    spectral_apply_per_sample,
 )
 
 # ---------------------------------------------------------------- indices (PEFT compatibility)
@@ -362,3 +363,87 @@ def test_plan_buffers_roundtrip_and_validation():
         spectral_apply(torch.randn(2, 5), [torch.randn(10)], [plan], [1.0], 6)
     with pytest.raises(ValueError, match="one spectrum, plan and scaling"):
         spectral_apply(torch.randn(2, 4), [torch.randn(10)], [plan], [], 6)
+
+
+# ---------------------------------------------------------------- mixed batches: one adapter per sample
+
+
+def _per_sample_reference(x, spectra, idx, scalings, slots, d_out, d_in):
+    """Each sample through its own dense dW (or zero), stacked: the definition of a mixed batch."""
+    rows = []
+    for s, k in enumerate(slots.tolist()):
+        if k == len(spectra):
+            rows.append(x[s].double() @ torch.zeros(d_in, d_out, dtype=torch.float64))
+        else:
+            rows.append(_dense_reference(x[s], [spectra[k]], [idx], [scalings[k]], d_out, d_in))
+    return torch.stack(rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_per_sample_apply_matches_dense(data):
+    dims = st.sampled_from([1, 2, 3, 5, 8, 13, 16])
+    d_out, d_in = data.draw(dims), data.draw(dims)
+    n = data.draw(st.integers(1, d_out * d_in))
+    k = data.draw(st.integers(1, 4))
+    samples = data.draw(st.integers(1, 6))
+    lead = data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=2))
+    block = data.draw(st.sampled_from([1, 5, 64, 1 << 17]))
+    seed = data.draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    idx = frequency_indices(d_out, d_in, n, seed)
+    plan = make_spectral_plan(idx, d_out, d_in)
+    x = torch.randn(samples, *lead, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    spectra = [torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(k)]
+    scalings = [1.0 + 2.0 * i for i in range(k)]
+    slots = torch.randint(0, k + 1, (samples,), generator=gen)  # k: no adapter
+    import fourierft.ops.spectral as spectral
+
+    old, spectral._BLOCK_ELEMS = spectral._BLOCK_ELEMS, block  # blocks inside and across samples
+    try:
+        y = spectral_apply_per_sample(x, spectra, plan, scalings, slots)
+        gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(y, [x, *spectra], gy, allow_unused=True)
+    finally:
+        spectral._BLOCK_ELEMS = old
+    ref = _per_sample_reference(x, spectra, idx, scalings, slots, d_out, d_in)
+    want = torch.autograd.grad(ref, [x, *spectra], gy, allow_unused=True)
+    _close(y, ref, 1e-10)
+    for g, w, t in zip(got, want, [x, *spectra]):
+        g = torch.zeros_like(t) if g is None else g
+        w = torch.zeros_like(t) if w is None else w
+        _close(g, w, 1e-10)
+
+
+def test_per_sample_apply_float32_and_bf16_inputs():
+    d_out, d_in, n = 24, 40, 60
+    idx = frequency_indices(d_out, d_in, n, 3)
+    plan = make_spectral_plan(idx, d_out, d_in)
+    spectra = [torch.randn(n) for _ in range(3)]
+    slots = torch.tensor([2, 0, 3, 1, 0])
+    x = torch.randn(5, 7, d_in)
+    ref = _per_sample_reference(x, spectra, idx, [150.0] * 3, slots, d_out, d_in)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)]:
+        y = spectral_apply_per_sample(x.to(dtype), spectra, plan, [150.0] * 3, slots)
+        assert y.dtype == dtype and y.shape == (5, 7, d_out)
+        _close(y, _per_sample_reference(x.to(dtype), spectra, idx, [150.0] * 3, slots, d_out, d_in)
+               if dtype == torch.bfloat16 else ref, tol)
+
+
+def test_per_sample_apply_gradcheck_and_validation():
+    d_out, d_in = 5, 6
+    idx = frequency_indices(d_out, d_in, 9, 0)
+    plan = make_spectral_plan(idx, d_out, d_in)
+    x = torch.randn(4, 3, d_in, dtype=torch.float64, requires_grad=True)
+    c = [torch.randn(9, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    slots = torch.tensor([1, 0, 2, 1])
+    fn = lambda x, c0, c1: spectral_apply_per_sample(x, [c0, c1], plan, [2.0, -0.5], slots)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *c))
+    with pytest.raises(ValueError, match="one adapter index per sample"):
+        spectral_apply_per_sample(x, c, plan, [1.0, 1.0], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="does not fit the shared plan"):
+        spectral_apply_per_sample(x, [torch.randn(8)], plan, [1.0], slots)
+    with pytest.raises(ValueError, match="x must be"):
+        spectral_apply_per_sample(torch.randn(4, 5), c, plan, [1.0, 1.0], slots)
+    with pytest.raises(ValueError, match="one spectrum and scaling"):
+        spectral_apply_per_sample(x, c, plan, [1.0], slots)

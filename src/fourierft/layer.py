@@ -235,6 +235,21 @@ def _cached_groups(names: tuple, batch: int, available: tuple, device: str) -> d
     return {k: v.to(device) for k, v in groups.items()}
 
 
+def sample_slots(sample_adapters: Sequence[str], batch: int, names: Sequence[str],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(batch,)`` int64: the position in ``names`` of each sample's adapter, ``len(names)`` for samples
+    using none of them (cached like :func:`sample_groups`)."""
+    return _cached_slots(tuple(sample_adapters), batch, tuple(names), str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_slots(sample_adapters: tuple, batch: int, names: tuple, device: str) -> torch.Tensor:
+    repeat = batch // len(sample_adapters)  # validated by sample_groups first
+    position = {name: i for i, name in enumerate(names)}
+    slots = [position.get(name, len(names)) for name in sample_adapters for _ in range(repeat)]
+    return torch.tensor(slots, dtype=torch.long).to(device)
+
+
 def _sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str]) -> dict[str, torch.Tensor]:
     """Sample indices per adapter for a mixed batch; samples naming ``__base__`` or an adapter this layer
     does not hold use the base layer. Beam search repeats each sample ``k`` times: names are repeated alike.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import TunerConfig, register_config
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, sample_slots
 from ..ops import spectral
 from ..tuner import AdapterModel
 
@@ -259,10 +259,25 @@ class FourierFTLinear(AdapterLayer):
         return result + self.delta_output(x, adapter_names).to(result.dtype)
 
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
-        """One base matmul for the whole batch, then each adapter's change added to its own samples."""
+        """One base matmul for the whole batch; adapters sharing frequency positions (the usual case: same
+        shape, ``n`` and seed) then share one FFT pass with a coefficient row per sample."""
         out = self.base_layer(x, *args, **kwargs)
-        deltas = [self.delta_output(x[index], [name]) for name, index in groups.items()]
-        return out.index_add(0, torch.cat(list(groups.values())), torch.cat(deltas).to(out.dtype))
+        by_key: dict[PlanKey, list[str]] = {}
+        for name in groups:
+            by_key.setdefault(self.fourierft_plan_key[name], []).append(name)
+        for names in by_key.values():
+            spectra = [self.fourierft_spectrum[n] for n in names]
+            scalings = [self.fourierft_scaling[n] for n in names]
+            plan = self.plan(names[0])
+            if len(by_key) == 1:  # the whole batch; samples without adapter get a zero row
+                slots = sample_slots(self.sample_adapters, x.shape[0], names, x.device)
+                out = out + spectral.spectral_apply_per_sample(x, spectra, plan, scalings, slots).to(out.dtype)
+                continue
+            index = torch.cat([groups[n] for n in names])
+            slots = torch.cat([torch.full_like(groups[n], i) for i, n in enumerate(names)])
+            delta = spectral.spectral_apply_per_sample(x[index], spectra, plan, scalings, slots)
+            out = out.index_add(0, index, delta.to(out.dtype))
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

@@ -61,6 +61,7 @@ __all__ = [
     "plan_buffers",
     "plan_from_buffers",
     "spectral_apply",
+    "spectral_apply_per_sample",
 ]
 
 
@@ -269,10 +270,19 @@ def _concat(plans: Sequence[SpectralPlan]) -> SpectralPlan:
 
 
 def _coefficients(spectra: Sequence[torch.Tensor], scalings: Sequence[float], weight: torch.Tensor,
-                  norm: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-entry real/imaginary multipliers ``c_i * a / norm * weight``, shape ``(2n,)``."""
-    c = torch.cat([s.detach().to(dtype) * (a / norm) for s, a in zip(spectra, scalings)])
-    return c.repeat_interleave(2) * weight.to(dtype)
+                  norm: int, dtype: torch.dtype, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-entry real/imaginary multipliers ``c_i * a / norm * weight`` as rows ``(S, 2n)``.
+
+    Without ``slots`` the adapters' entries are concatenated into one row (``S = 1``, every token
+    uses the sum of the adapters). With ``slots`` (one adapter index per sample, ``len(spectra)``
+    for none) the adapters must share one plan; row ``s`` holds the entries of sample ``s``'s
+    adapter, or zeros.
+    """
+    parts = [s.detach().to(dtype) * (a / norm) for s, a in zip(spectra, scalings)]
+    if slots is None:
+        return (torch.cat(parts).repeat_interleave(2) * weight.to(dtype)).unsqueeze(0)
+    table = torch.stack(parts + [torch.zeros_like(parts[0])]).repeat_interleave(2, dim=1)
+    return table.mul_(weight.to(dtype)).index_select(0, slots)
 
 
 # Entries per token block on CPU: the (rows, 2n) work buffers stay in cache (512 KiB in fp32),
@@ -280,8 +290,25 @@ def _coefficients(spectra: Sequence[torch.Tensor], scalings: Sequence[float], we
 _BLOCK_ELEMS = 1 << 17
 
 
-def _block_rows(tokens: int, entries: int, device: torch.device) -> int:
-    return tokens if device.type != "cpu" else max(1, min(tokens, _BLOCK_ELEMS // entries))
+def _blocks(tokens: int, samples: int, entries: int, device: torch.device):
+    """Token blocks ``(start, end, first_sample, end_sample)`` for ``samples`` equal runs of rows.
+
+    A block lies inside one sample or covers whole samples, so that a ``(S, 2n)`` coefficient
+    table applies to it as ``z.view(k, -1, 2n) * coef[first:end, None]``.
+    """
+    per = tokens // samples
+    rows = tokens if device.type != "cpu" else max(1, min(tokens, _BLOCK_ELEMS // entries))
+    if per == 0:
+        return
+    if rows < per:  # blocks within each sample
+        for i in range(samples):
+            for s in range(i * per, (i + 1) * per, rows):
+                yield s, min(s + rows, (i + 1) * per), i, i + 1
+        return
+    step = rows // per  # whole samples per block
+    for i in range(0, samples, step):
+        j = min(i + step, samples)
+        yield i * per, j * per, i, j
 
 
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}  # Dynamo-traceable
@@ -295,62 +322,67 @@ def _real_view(spec: torch.Tensor) -> torch.Tensor:
 def _forward_map(rx: torch.Tensor, b: SpectralPlan, coef: torch.Tensor) -> torch.Tensor:
     """``x @ dW^T`` from ``rx = rfft(x)``: gather, scale, scatter into ``H``, one ``irfft``.
 
+    ``coef`` is ``(S, 2n)``: the ``T`` rows form ``S`` equal runs, run ``s`` scaled by row ``s``.
     Tokens go through in blocks so that the ``T x 2n`` entry values never exist at once.
     """
     tokens, src = rx.shape[0], _real_view(rx)
+    samples, entries = coef.shape
     half = torch.zeros(tokens, b.d_out // 2 + 1, dtype=rx.dtype, device=rx.device)
-    rows = _block_rows(tokens, coef.numel(), rx.device)
-    buf = torch.empty(rows, coef.numel(), dtype=coef.dtype, device=rx.device)
-    for s in range(0, tokens, rows):
-        e = min(s + rows, tokens)
-        z = torch.index_select(src[s:e], 1, b.in_cols, out=buf[: e - s]).mul_(coef)
+    buf = None
+    for s, e, i, j in _blocks(tokens, samples, entries, rx.device):
+        if buf is None:
+            buf = torch.empty(e - s, entries, dtype=coef.dtype, device=rx.device)
+        z = torch.index_select(src[s:e], 1, b.in_cols, out=buf[: e - s])
+        z.view(j - i, -1, entries).mul_(coef[i:j].unsqueeze(1))
         half[s:e].index_add_(1, b.out_bins, torch.view_as_complex(z.view(e - s, -1, 2)))
     return torch.fft.irfft(half, n=b.d_out)
 
 
-def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan,
-                  coef: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, coef: torch.Tensor | None,
+                  samples: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Input gradient (if ``coef``) and per-entry ``sum_t`` products (if ``x2``), from ``dL/dy``.
 
     Returns:
-        ``(grad_x2, prod)``: ``(T, d_in)`` and ``(2n,)`` with ``prod[2i] = sum_t Re R Re G`` and
-        ``prod[2i+1] = sum_t Im R Im G`` at entry ``i``.
+        ``(grad_x2, prod)``: ``(T, d_in)`` and ``(S, 2n)`` with ``prod[s, 2i] = sum_t Re R Re G`` and
+        ``prod[s, 2i+1] = sum_t Im R Im G`` at entry ``i`` over the tokens of sample run ``s``.
     """
     tokens, entries = gy.shape[0], b.in_cols.numel()
     g_src = _real_view(torch.fft.rfft(gy))
-    rows = _block_rows(tokens, entries, gy.device)
-    g_buf = torch.empty(rows, entries, dtype=gy.dtype, device=gy.device)
-    prod = half = None
+    prod = half = x_src = g_buf = x_buf = None
     if x2 is not None:
-        x_src, x_buf = _real_view(torch.fft.rfft(x2)), torch.empty_like(g_buf)
-        prod = torch.zeros(entries, dtype=gy.dtype, device=gy.device)
+        x_src = _real_view(torch.fft.rfft(x2))
+        prod = torch.zeros(samples, entries, dtype=gy.dtype, device=gy.device)
     if coef is not None:
         half = torch.zeros(tokens, b.d_in // 2 + 1, dtype=_COMPLEX[gy.dtype], device=gy.device)
-    for s in range(0, tokens, rows):
-        e = min(s + rows, tokens)
+    for s, e, i, j in _blocks(tokens, samples, entries, gy.device):
+        if g_buf is None:
+            g_buf = torch.empty(e - s, entries, dtype=gy.dtype, device=gy.device)
+            x_buf = torch.empty_like(g_buf) if x_src is not None else None
         g = torch.index_select(g_src[s:e], 1, b.out_cols, out=g_buf[: e - s])
         if prod is not None:
-            prod += torch.index_select(x_src[s:e], 1, b.in_cols, out=x_buf[: e - s]).mul_(g).sum(0)
+            xg = torch.index_select(x_src[s:e], 1, b.in_cols, out=x_buf[: e - s]).mul_(g)
+            prod[i:j] += xg.view(j - i, -1, entries).sum(1)
         if half is not None:
-            z = torch.view_as_complex(g.mul_(coef).view(e - s, -1, 2))
-            half[s:e].index_add_(1, b.in_bins, z)
+            g.view(j - i, -1, entries).mul_(coef[i:j].unsqueeze(1))
+            half[s:e].index_add_(1, b.in_bins, torch.view_as_complex(g.view(e - s, -1, 2)))
     grad_x2 = torch.fft.irfft(half, n=b.d_in) if half is not None else None
     return grad_x2, prod
 
 
 class _SpectralApply(torch.autograd.Function):
-    """``x @ sum_a dW_a^T`` through half spectra; saves only ``x`` and the spectra."""
+    """``x @ dW^T`` through half spectra (summed adapters, or one adapter per sample via ``slots``);
+    saves only ``x`` and the spectra."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, b: SpectralPlan, scalings: list[float], cdtype: torch.dtype,
-                *spectra: torch.Tensor) -> torch.Tensor:
-        ctx.b, ctx.scalings, ctx.cdtype, ctx.x_meta = b, scalings, cdtype, (x.shape, x.dtype)
+                slots: torch.Tensor | None, *spectra: torch.Tensor) -> torch.Tensor:
+        ctx.b, ctx.scalings, ctx.cdtype, ctx.x_meta, ctx.slots = b, scalings, cdtype, (x.shape, x.dtype), slots
         # x is only needed for the spectrum gradient (a frozen base layer does not save it)
         ctx.save_for_backward(x if any(s.requires_grad for s in spectra) else None, *spectra)
         x2 = x.reshape(-1, b.d_in).to(cdtype)
         if x2.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], b.d_out)
-        coef = _coefficients(spectra, scalings, b.fwd_weight, b.d_in, cdtype)
+        coef = _coefficients(spectra, scalings, b.fwd_weight, b.d_in, cdtype, slots)
         y = _forward_map(torch.fft.rfft(x2), b, coef)
         return y.to(x.dtype).reshape(*x.shape[:-1], b.d_out)
 
@@ -358,22 +390,25 @@ class _SpectralApply(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         x, *spectra = ctx.saved_tensors
-        b, scalings, cdtype, (x_shape, x_dtype) = ctx.b, ctx.scalings, ctx.cdtype, ctx.x_meta
-        need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
+        b, scalings, cdtype, (x_shape, x_dtype), slots = ctx.b, ctx.scalings, ctx.cdtype, ctx.x_meta, ctx.slots
+        need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
         gy = grad_y.reshape(-1, b.d_out).to(cdtype)
         if gy.shape[0] == 0:
             grad_x = grad_y.new_zeros(x_shape, dtype=x_dtype) if need_x else None
-            return (grad_x, None, None, None, *[torch.zeros_like(s) for s in spectra])
+            return (grad_x, None, None, None, None, *[torch.zeros_like(s) for s in spectra])
         x2 = x.reshape(-1, b.d_in).to(cdtype) if need_c else None
-        coef = _coefficients(spectra, scalings, b.bwd_weight, b.d_out, cdtype) if need_x else None
-        grad_x2, prod = _backward_map(gy, x2, b, coef)
+        coef = _coefficients(spectra, scalings, b.bwd_weight, b.d_out, cdtype, slots) if need_x else None
+        samples = 1 if slots is None else slots.numel()
+        grad_x2, prod = _backward_map(gy, x2, b, coef, samples)
         grad_x = grad_x2.to(x_dtype).reshape(x_shape) if need_x else None
         grad_c = [None] * len(spectra)
         if need_c:
-            dc = (prod * b.grad_sign.to(cdtype)).view(-1, 2).sum(1) / (b.d_out * b.d_in)
+            if slots is not None:  # sum each adapter's samples; the last row collects adapter-less ones
+                prod = prod.new_zeros(len(spectra) + 1, prod.shape[1]).index_add_(0, slots, prod)[:-1]
+            dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
             grad_c = [(part * a).to(s.dtype) for part, a, s in
                       zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
-        return (grad_x, None, None, None, *grad_c)
+        return (grad_x, None, None, None, None, *grad_c)
 
 
 def _compute_dtype(x: torch.Tensor, spectra: Sequence[torch.Tensor]) -> torch.dtype:
@@ -451,4 +486,42 @@ def spectral_apply(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequ
                      for s, p, a in zip(spectra, plans, scalings))
             return torch.nn.functional.linear(x.to(cdtype), dw).to(x.dtype)
     scalings = [float(a) for a in scalings]
-    return _SpectralApply.apply(x, _concat(plans), scalings, cdtype, *spectra)
+    return _SpectralApply.apply(x, _concat(plans), scalings, cdtype, None, *spectra)
+
+
+def spectral_apply_per_sample(x: torch.Tensor, spectra: Sequence[torch.Tensor], plan: SpectralPlan,
+                              scalings: Sequence[float], slots: torch.Tensor) -> torch.Tensor:
+    r"""Mixed-adapter batch: sample ``s`` of ``x`` gets ``x_s @ dW_{slots[s]}.T``, in one pass.
+
+    The adapters must share one plan (same shape, ``n`` and seed: the usual case, since PEFT uses one
+    seed for every layer). Then one ``rfft`` of the whole batch, one gather/scatter with a per-sample
+    coefficient row and one ``irfft`` serve every adapter, instead of one pass per adapter.
+    Differentiable in ``x`` and every spectrum, like :func:`spectral_apply`.
+
+    Args:
+        x: input ``(S, ..., d_in)``; dimension 0 indexes samples.
+        spectra: one coefficient vector ``(n,)`` per adapter.
+        plan: the adapters' shared :class:`SpectralPlan`, on ``x``'s device.
+        scalings: one scaling ``a`` per adapter.
+        slots: int64 ``(S,)`` on ``x``'s device: the adapter index of each sample, or
+            ``len(spectra)`` for a sample without adapter (its output is zero).
+
+    Returns:
+        Tensor of shape ``(S, ..., d_out)`` in ``x.dtype``.
+
+    Raises:
+        ValueError: on mismatched lengths or shapes.
+    """
+    if len(spectra) != len(scalings) or not spectra:
+        raise ValueError(f"need one spectrum and scaling per adapter, got {len(spectra)}, {len(scalings)}")
+    for s in spectra:
+        if s.shape != plan.in_bins.shape:
+            raise ValueError(f"spectrum of shape {tuple(s.shape)} does not fit the shared plan "
+                             f"({plan.in_bins.numel()} entries)")
+    if x.dim() < 2 or x.shape[-1] != plan.d_in:
+        raise ValueError(f"x must be (samples, ..., {plan.d_in}), got {tuple(x.shape)}")
+    if slots.dim() != 1 or slots.numel() != x.shape[0]:
+        raise ValueError(f"slots must hold one adapter index per sample ({x.shape[0]}), got {tuple(slots.shape)}")
+    cdtype = _compute_dtype(x, spectra)
+    scalings = [float(a) for a in scalings]
+    return _SpectralApply.apply(x, plan, scalings, cdtype, slots.to(torch.long), *spectra)
