@@ -330,3 +330,39 @@ def test_unmerged_training_step_never_builds_the_weight_change(conv1d):
         model(x).square().sum().backward()
     assert mode.largest < d_out * d_in, mode.op
     assert model.base_model.model[0].fourierft_spectrum["default"].grad is not None
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_training_path_equals_separate_base(conv1d, monkeypatch):
+    """Training a frozen Linear/Conv1D runs base and adapter in one autograd node; with a hook on the base
+    layer (which must then run as a module) the separate path runs: both give the same values and grads."""
+    from transformers.pytorch_utils import Conv1D
+
+    from fourierft.ops import spectral
+
+    torch.manual_seed(0)
+    d_in, d_out = 24, 18
+    layer = Conv1D(d_out, d_in) if conv1d else torch.nn.Linear(d_in, d_out)
+    config = FourierFTConfig(target_modules=["0"], n_frequency=60, init_weights=False)
+    model = fourierft.get_peft_model(torch.nn.Sequential(layer), config).train()
+    wrapped, spectrum = model.base_model.model[0], model.base_model.model[0].fourierft_spectrum["default"]
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    calls = []
+    real = spectral.linear_spectral_apply
+    monkeypatch.setattr(spectral, "linear_spectral_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run():
+        y = model(x)
+        return (y, *torch.autograd.grad(y.square().sum(), [x, spectrum]))
+
+    fused = run()
+    assert calls == [1]
+    handle = wrapped.base_layer.register_forward_hook(lambda m, i, o: None)
+    separate = run()
+    handle.remove()
+    assert calls == [1]
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference never fuses (nothing to save; the dense route may be cheaper)
+        torch.testing.assert_close(model(x), fused[0], atol=1e-5, rtol=1e-5)
+    assert calls == [1]

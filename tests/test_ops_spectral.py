@@ -14,6 +14,7 @@ from fourierft.ops.spectral import (
     choose_path,
     dense_delta_weight,
     frequency_indices,
+    linear_spectral_apply,
     make_spectral_plan,
     plan_buffers,
     plan_from_buffers,
@@ -447,3 +448,48 @@ def test_per_sample_apply_gradcheck_and_validation():
         spectral_apply_per_sample(torch.randn(4, 5), c, plan, [1.0, 1.0], slots)
     with pytest.raises(ValueError, match="one spectrum and scaling"):
         spectral_apply_per_sample(x, c, plan, [1.0], slots)
+
+
+# ---------------------------------------------------------------- frozen base layer fused with the adapters
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("lead", [(3, 5), (7,), (0, 2)])
+def test_linear_spectral_apply_equals_base_plus_dense(transposed, with_bias, lead):
+    d_out, d_in = 11, 6
+    gen = torch.Generator().manual_seed(len(lead) + 2 * transposed + with_bias)
+    idx = [frequency_indices(d_out, d_in, 9, 0), frequency_indices(d_out, d_in, 20, 1)]
+    plans = [make_spectral_plan(i, d_out, d_in) for i in idx]
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    bias = torch.randn(d_out, generator=gen, dtype=torch.float64) if with_bias else None
+    x = torch.randn(*lead, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = [torch.randn(i.shape[1], generator=gen, dtype=torch.float64, requires_grad=True) for i in idx]
+    y = linear_spectral_apply(x, w.t().contiguous() if transposed else w, bias, c, plans, [2.0, -3.0],
+                              transposed=transposed)
+    ref = torch.nn.functional.linear(x, w, bias) + _dense_reference(x, c, idx, [2.0, -3.0], d_out, d_in)
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for g, r in zip(torch.autograd.grad(y, [x, *c], gy), torch.autograd.grad(ref, [x, *c], gy)):
+        torch.testing.assert_close(g, r)
+
+
+def test_linear_spectral_apply_gradcheck_and_validation():
+    d_out, d_in = 5, 7
+    idx = frequency_indices(d_out, d_in, 12, 3)
+    plan = make_spectral_plan(idx, d_out, d_in)
+    w, bias = torch.randn(d_out, d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, c: linear_spectral_apply(x, w, bias, [c], [plan], [1.5]), (x, c))
+    gc, = torch.autograd.grad(linear_spectral_apply(x.detach(), w, bias, [c], [plan], [1.5]).sum(), [c])
+    gx, = torch.autograd.grad(linear_spectral_apply(x, w, bias, [c.detach()], [plan], [1.5]).sum(), [x])
+    ref = torch.nn.functional.linear(x, w, bias) + _dense_reference(x, [c], [idx], [1.5], d_out, d_in)
+    for g, r in zip((gx, gc), torch.autograd.grad(ref.sum(), [x, c])):
+        torch.testing.assert_close(g, r)
+    with pytest.raises(ValueError, match="frozen weight"):
+        linear_spectral_apply(x, w.clone().requires_grad_(), bias, [c], [plan], [1.0])
+    with pytest.raises(ValueError, match="expected d_in=7"):
+        linear_spectral_apply(torch.randn(2, 6), w, bias, [c], [plan], [1.0])
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_spectral_apply(x, w.t().contiguous(), bias, [c], [plan], [1.0])

@@ -119,6 +119,8 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
     return module.in_features, module.out_features, False
 
 
+_FUSABLE = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
 PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
 
 
@@ -254,9 +256,33 @@ class FourierFTLinear(AdapterLayer):
             self.out_features,
         )
 
+    def _fusable(self, x: torch.Tensor, adapter_names: list[str], args: tuple, kwargs: dict) -> bool:
+        """Whether the base product can run inside the adapter's autograd node: training the spectra
+        of a plain frozen Linear/Conv1D (no hooks, no autocast, no extra arguments)."""
+        base = self.base_layer
+        if args or kwargs or type(base) not in _FUSABLE or not torch.is_grad_enabled():
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+            return False
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+        if x.shape[-1] != self.in_features or x.dtype != base.weight.dtype:
+            return False  # the base layer raises its usual error
+        return any(self.fourierft_spectrum[n].requires_grad for n in adapter_names)
+
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        return result + self.delta_output(x, adapter_names).to(result.dtype)
+        if self._fusable(x, adapter_names, args, kwargs):
+            return spectral.linear_spectral_apply(
+                x, self.base_layer.weight, self.base_layer.bias,
+                [self.fourierft_spectrum[n] for n in adapter_names], [self.plan(n) for n in adapter_names],
+                [self.fourierft_scaling[n] for n in adapter_names], transposed=self.fan_in_fan_out,
+            )
+        base = self.base_layer
+        result = base(x, *args, **kwargs)
+        delta = self.delta_output(x, adapter_names).to(result.dtype)
+        if type(base) in _FUSABLE and not (base._forward_hooks or args or kwargs):  # a fresh tensor of ours
+            return result.add_(delta)
+        return result + delta
 
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """One base matmul for the whole batch; adapters sharing frequency positions (the usual case: same

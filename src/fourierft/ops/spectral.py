@@ -60,6 +60,7 @@ __all__ = [
     "make_spectral_plan",
     "plan_buffers",
     "plan_from_buffers",
+    "linear_spectral_apply",
     "spectral_apply",
     "spectral_apply_per_sample",
 ]
@@ -311,7 +312,12 @@ def _blocks(tokens: int, samples: int, entries: int, device: torch.device):
         yield i * per, j * per, i, j
 
 
-_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}  # Dynamo-traceable
+
+
+def _complex_zeros(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Complex zeros of real ``dtype``'s width, made as real zeros: on CPU (torch 2.13) ``torch.zeros``
+    with a complex dtype measured 4x slower (2.9 vs 0.75 ms for 1024 x 385)."""
+    return torch.view_as_complex(torch.zeros(rows, cols, 2, dtype=dtype, device=device))
 
 
 def _real_view(spec: torch.Tensor) -> torch.Tensor:
@@ -327,7 +333,7 @@ def _forward_map(rx: torch.Tensor, b: SpectralPlan, coef: torch.Tensor) -> torch
     """
     tokens, src = rx.shape[0], _real_view(rx)
     samples, entries = coef.shape
-    half = torch.zeros(tokens, b.d_out // 2 + 1, dtype=rx.dtype, device=rx.device)
+    half = _complex_zeros(tokens, b.d_out // 2 + 1, coef.dtype, rx.device)
     buf = None
     for s, e, i, j in _blocks(tokens, samples, entries, rx.device):
         if buf is None:
@@ -353,7 +359,7 @@ def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, co
         x_src = _real_view(torch.fft.rfft(x2))
         prod = torch.zeros(samples, entries, dtype=gy.dtype, device=gy.device)
     if coef is not None:
-        half = torch.zeros(tokens, b.d_in // 2 + 1, dtype=_COMPLEX[gy.dtype], device=gy.device)
+        half = _complex_zeros(tokens, b.d_in // 2 + 1, gy.dtype, gy.device)
     for s, e, i, j in _blocks(tokens, samples, entries, gy.device):
         if g_buf is None:
             g_buf = torch.empty(e - s, entries, dtype=gy.dtype, device=gy.device)
@@ -409,6 +415,52 @@ class _SpectralApply(torch.autograd.Function):
             grad_c = [(part * a).to(s.dtype) for part, a, s in
                       zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
         return (grad_x, None, None, None, None, *grad_c)
+
+
+class _LinearSpectralApply(torch.autograd.Function):
+    """A frozen linear layer plus the adapters' change, in one autograd node.
+
+    Same maths as :class:`_SpectralApply`, but the base product is computed here too, so that the
+    adapter's output and input gradient are added in place into the base layer's (no extra
+    ``T x d_out`` output and ``T x d_in`` gradient buffers, no autograd accumulation). Saves ``x``
+    (only if a spectrum needs a gradient), the frozen weight and the spectra.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
+                b: SpectralPlan, scalings: list[float], cdtype: torch.dtype, *spectra: torch.Tensor) -> torch.Tensor:
+        ctx.b, ctx.scalings, ctx.cdtype, ctx.transposed = b, scalings, cdtype, transposed
+        ctx.save_for_backward(x if any(s.requires_grad for s in spectra) else None, weight, *spectra)
+        y = torch.nn.functional.linear(x, weight.t() if transposed else weight, bias)
+        x2 = x.reshape(-1, b.d_in).to(cdtype)
+        if x2.shape[0]:
+            coef = _coefficients(spectra, scalings, b.fwd_weight, b.d_in, cdtype)
+            y.view(-1, b.d_out).add_(_forward_map(torch.fft.rfft(x2), b, coef).to(y.dtype))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, *spectra = ctx.saved_tensors
+        b, scalings, cdtype = ctx.b, ctx.scalings, ctx.cdtype
+        need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[7:])
+        gy = grad_y.reshape(-1, b.d_out)
+        grad_x = None
+        if need_x:
+            grad_x = grad_y.matmul(weight.t() if ctx.transposed else weight)
+        if gy.shape[0] == 0:
+            return (grad_x, None, None, None, None, None, None, *[torch.zeros_like(s) for s in spectra])
+        x2 = x.reshape(-1, b.d_in).to(cdtype) if need_c else None
+        coef = _coefficients(spectra, scalings, b.bwd_weight, b.d_out, cdtype) if need_x else None
+        grad_x2, prod = _backward_map(gy.to(cdtype), x2, b, coef, 1)
+        if need_x:
+            grad_x.view(-1, b.d_in).add_(grad_x2.to(grad_x.dtype))
+        grad_c = [None] * len(spectra)
+        if need_c:
+            dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
+            grad_c = [(part * a).to(s.dtype) for part, a, s in
+                      zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
+        return (grad_x, None, None, None, None, None, None, *grad_c)
 
 
 def _compute_dtype(x: torch.Tensor, spectra: Sequence[torch.Tensor]) -> torch.dtype:
@@ -525,3 +577,43 @@ def spectral_apply_per_sample(x: torch.Tensor, spectra: Sequence[torch.Tensor], 
     cdtype = _compute_dtype(x, spectra)
     scalings = [float(a) for a in scalings]
     return _SpectralApply.apply(x, plan, scalings, cdtype, slots.to(torch.long), *spectra)
+
+
+def linear_spectral_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
+                          scalings: Sequence[float], transposed: bool = False) -> torch.Tensor:
+    r"""``linear(x, W, bias) + x @ (sum_a dW_a).T`` for a **frozen** ``W``, as one autograd node.
+
+    Equal to ``F.linear(x, W, bias) + spectral_apply(x, ...)`` but cheaper to train: the adapters'
+    output and input gradient are added in place into the base layer's. ``weight`` and ``bias`` get
+    no gradient (use :func:`spectral_apply` beside the base layer when they train).
+
+    Args:
+        x: input ``(..., d_in)``.
+        weight: ``(d_out, d_in)`` (``nn.Linear``), or ``(d_in, d_out)`` with ``transposed=True``
+            (transformers' ``Conv1D``); same dtype as ``x``.
+        bias: ``(d_out,)`` or ``None``.
+        spectra, plans, scalings: as in :func:`spectral_apply`.
+        transposed: whether ``weight`` is stored ``(d_in, d_out)``.
+
+    Returns:
+        Tensor ``(..., d_out)`` in ``x.dtype``.
+
+    Raises:
+        ValueError: on mismatched lengths or shapes, or a weight or bias that requires grad.
+    """
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_spectral_apply needs a frozen weight and bias (requires_grad=False)")
+    if not (len(spectra) == len(plans) == len(scalings)) or not plans:
+        raise ValueError(f"need one spectrum, plan and scaling per adapter, got "
+                         f"{len(spectra)}, {len(plans)}, {len(scalings)}")
+    for s, p in zip(spectra, plans):
+        if (p.d_out, p.d_in) != (d_out, d_in) or s.shape != p.in_bins.shape:
+            raise ValueError(f"spectrum of shape {tuple(s.shape)} and plan for ({p.d_out}, "
+                             f"{p.d_in}) do not fit a ({d_out}, {d_in}) weight")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features, expected d_in={d_in}")
+    cdtype = _compute_dtype(x, spectra)
+    return _LinearSpectralApply.apply(x, weight, bias, transposed, _concat(plans), [float(a) for a in scalings],
+                                      cdtype, *spectra)
