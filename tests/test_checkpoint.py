@@ -313,3 +313,40 @@ def test_load_adapter_failure_removes_it(tmp_dir):
     assert list(model.peft_config) == ["default"]
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("lib", [fourierft, peft], ids=["ours", "peft"])
+def test_load_adapter_under_existing_name_reloads_weights(lib, tmp_dir):
+    """As in PEFT: load_adapter(path, existing_name) puts the file's weights back into that adapter."""
+    kwargs = dict(task_type="SEQ_CLS", n_frequency=40, modules_to_save=["classifier"])
+    model = _make(lib, "bert", kwargs, "default")
+    model.save_pretrained(tmp_dir)
+    saved_out = _out(model, "bert")
+    _trained(model)  # the weights move on after the checkpoint
+    assert not torch.allclose(_out(model, "bert"), saved_out)
+    model.load_adapter(tmp_dir, adapter_name="default")
+    torch.testing.assert_close(_out(model, "bert"), saved_out)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_load_adapter_under_existing_name_failures_keep_weights(tmp_dir):
+    kwargs = dict(task_type="SEQ_CLS", n_frequency=40, modules_to_save=["classifier"])
+    model = _make(fourierft, "bert", kwargs, "default")
+    model.save_pretrained(tmp_dir)
+    _trained(model)
+    path = os.path.join(tmp_dir, "adapter_model.safetensors")
+    good = load_file(path)
+    broken = dict(good)
+    key = sorted(k for k in good if "classifier" not in k)[-1]
+    broken[key] = good[key][:5]  # a later key fails after earlier ones may have been copied
+    save_file(broken, path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        model.load_adapter(tmp_dir, adapter_name="default")
+    save_file(good, path)
+    other = _make(fourierft, "bert", dict(kwargs, n_frequency=30), "default")
+    other.save_pretrained(os.path.join(tmp_dir, "n30"))
+    with pytest.raises(ValueError, match="different config \\(n_frequency differ\\)"):
+        model.load_adapter(os.path.join(tmp_dir, "n30"), adapter_name="default")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -451,7 +451,8 @@ OP_CASES = [
     for name in ("a/b", "..", "../../escape", "x.y")
 ] + [
     ("load-duplicate-name", _save,
-     lambda m, k, t: m.load_adapter(t, adapter_name="other"), ValueError, "Adapter with name other already exists"),
+     lambda m, k, t: m.load_adapter(t, adapter_name="other"), ValueError,
+     "Adapter 'other' already exists with a different config"),
 ]
 
 

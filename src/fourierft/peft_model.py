@@ -12,6 +12,7 @@ import copy
 import logging
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -295,31 +296,64 @@ class PeftModel(nn.Module):
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
                      key_mapping: Optional[dict] = None, **kwargs: Any) -> ckpt.LoadResult:
-        """Load an adapter file as a new adapter ``adapter_name`` (not activated).
+        """Load an adapter file as adapter ``adapter_name`` (not activated).
+
+        A new name adds the adapter. An existing name reloads its weights in place, as PEFT does (for
+        example to go back to a checkpoint); the file's config must then equal the adapter's, apart from
+        bookkeeping fields (``inference_mode``, ``peft_version``, ``base_model_name_or_path``, ``revision``).
 
         Returns:
             The keys ignored as legacy and the optional keys not found.
 
         Raises:
-            FileNotFoundError, CheckpointError: On failure the adapter is not added.
+            FileNotFoundError, CheckpointError: On failure the adapter is not added, or an existing one
+                keeps its weights.
+            ValueError: The file's config differs from the existing adapter's.
         """
         from .io import load_config
 
         config = load_config(model_id, kwargs.pop("config", None), **kwargs)
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
-        try:
-            result = self._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
-        except BaseException:
-            self.base_model.delete_adapter(adapter_name)
-            raise
+        if adapter_name in self.peft_config:
+            result = self._reload_weights(weights, adapter_name, config, **kwargs)
+        else:
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+            try:
+                result = self._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
+            except BaseException:
+                self.base_model.delete_adapter(adapter_name)
+                raise
         if torch_device is not None:
             self.to(torch_device)
         self.base_model.set_requires_grad(adapter_name, is_trainable)
         if not is_trainable:
             self.eval()
         return result
+
+    _BOOKKEEPING = ("inference_mode", "peft_version", "base_model_name_or_path", "revision", "auto_mapping")
+
+    def _reload_weights(self, weights: tuple[dict, dict], adapter_name: str, config, **kwargs):
+        """Load ``weights`` into the existing adapter ``adapter_name``; on failure its tensors are restored."""
+        existing = self.peft_config[adapter_name]
+        old, new = existing.to_dict(), config.to_dict()
+        differ = sorted(k for k in set(old) | set(new) if k not in self._BOOKKEEPING and old.get(k) != new.get(k))
+        if differ:
+            raise ValueError(
+                f"Adapter {adapter_name!r} already exists with a different config ({', '.join(differ)} differ); "
+                f"load the file under a new name, or delete_adapter({adapter_name!r}) first."
+            )
+        mine = [p for _, layer in self.base_model.adapter_layers() for _, p in layer.adapter_parameters(adapter_name)]
+        mine += [p for w in self.base_model._wrappers() if adapter_name in w.modules_to_save
+                 for p in w.modules_to_save[adapter_name].parameters()]
+        saved = [t.detach().clone() for t in mine]
+        try:
+            return self._load_weights(weights, adapter_name, False, config, **kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for t, old_value in zip(mine, saved):
+                    t.copy_(old_value)
+            raise
 
     def _load_weights(self, weights: tuple[dict, dict], adapter_name: str, low_cpu_mem_usage: bool, config,
                       **kwargs):
