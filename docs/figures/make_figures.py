@@ -333,14 +333,19 @@ def bench_models(data: dict) -> str:
     for model in models:
         sub = {r["variant"]: r for r in rows if r.get("model", "model") == model}
         pairs = _pairs(list(sub))
+        base = sub.get("frozen", {}).get("train_ms")
         for variant, r in sub.items():
             ref = sub.get(pairs.get(variant, ""))
             ratio = fmt(r["train_ms"] / ref["train_ms"], 2) if ref and r.get("train_ms") and ref.get("train_ms") else "-"
-            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(r.get("eval_ms")),
-                               fmt(r.get("eval_merged_ms")), fmt(r.get("generate_ms")), fmt(r.get("saved_MiB"), 2),
-                               fmt(r.get("trainable"))])
-    table = markdown_table(["model", "variant", "train ms", "train / peft", "eval ms", "eval merged ms",
-                            "generate ms", "saved for backward MiB", "trainable params"], table_rows)
+            over = r["train_ms"] - base if base and r.get("train_ms") and variant != "frozen" else None
+            over_ref = ref["train_ms"] - base if base and ref and ref.get("train_ms") else None
+            over_ratio = fmt(over / over_ref, 2) if over and over_ref and over > 0 and over_ref > 0 else "-"
+            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(over), over_ratio,
+                               fmt(r.get("eval_ms")), fmt(r.get("eval_merged_ms")), fmt(r.get("generate_ms")),
+                               fmt(r.get("saved_MiB"), 2), fmt(r.get("trainable"))])
+    table = markdown_table(["model", "variant", "train ms", "train / peft", "over frozen ms", "over frozen / peft's",
+                            "eval ms", "eval merged ms", "generate ms", "saved for backward MiB", "trainable params"],
+                           table_rows)
     return f"![model benchmark](figures/bench_models.png)\n\n{describe_run(data)}\n\n{table}"
 
 
