@@ -593,7 +593,9 @@ def linear_spectral_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         weight: ``(d_out, d_in)`` (``nn.Linear``), or ``(d_in, d_out)`` with ``transposed=True``
             (transformers' ``Conv1D``); same dtype as ``x``.
         bias: ``(d_out,)`` or ``None``.
-        spectra, plans, scalings: as in :func:`spectral_apply`.
+        spectra: one coefficient vector ``(n_a,)`` per adapter.
+        plans: one :class:`SpectralPlan` per adapter, on ``x``'s device.
+        scalings: one scaling ``a`` per adapter.
         transposed: whether ``weight`` is stored ``(d_in, d_out)``.
 
     Returns:
