@@ -493,3 +493,60 @@ def test_linear_spectral_apply_gradcheck_and_validation():
         linear_spectral_apply(torch.randn(2, 6), w, bias, [c], [plan], [1.0])
     with pytest.raises(ValueError, match="do not fit"):
         linear_spectral_apply(x, w.t().contiguous(), bias, [c], [plan], [1.0])
+
+
+# ---------------------------------------------------------------- reused CPU buffers never leak into results
+
+
+def test_results_do_not_alias_the_workspace():
+    import fourierft.ops.spectral as spectral
+
+    d_out, d_in = 20, 12
+    idx = frequency_indices(d_out, d_in, 30, 0)
+    plan = make_spectral_plan(idx, d_out, d_in)
+    c = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    xs = [torch.randn(7, d_in, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    outs, grads = [], []
+    for x in xs:  # second call reuses the first call's buffers
+        for fn in (lambda x: spectral_apply(x, [c], [plan], [2.0], d_out),
+                   lambda x: linear_spectral_apply(x, w, None, [c], [plan], [2.0])):
+            y = fn(x)
+            outs.append(y)
+            grads.append(torch.autograd.grad(y.square().sum(), [x, c]))
+    for k, x in enumerate(xs):
+        ref = _dense_reference(x, [c], [idx], [2.0], d_out, d_in)
+        refs = [ref, torch.nn.functional.linear(x, w) + ref]
+        for m in range(2):
+            torch.testing.assert_close(outs[2 * k + m], refs[m])
+            for g, r in zip(grads[2 * k + m], torch.autograd.grad(refs[m].square().sum(), [x, c], retain_graph=True)):
+                torch.testing.assert_close(g, r)
+    assert spectral._WORKSPACE.buffers  # the buffers were in use
+    spectral.release_workspace()
+    assert not spectral._WORKSPACE.buffers
+
+
+def test_workspace_is_per_thread_and_per_inference_mode():
+    import threading
+
+    d = 64
+    idx = frequency_indices(d, d, 200, 1)
+    plan = make_spectral_plan(idx, d, d)
+    c = torch.randn(200)
+    x = torch.randn(8, 33, d)
+    want = _dense_reference(x, [c], [idx], [3.0], d, d).float()
+    errors = []
+
+    def work():
+        for _ in range(20):
+            with torch.inference_mode():
+                y = spectral_apply(x, [c], [plan], [3.0], d).clone()
+            z = linear_spectral_apply(x, torch.zeros(d, d), None, [c.requires_grad_()], [plan], [3.0])
+            errors.append(max((y - want).abs().max().item(), (z - want).abs().max().item()))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 60 and max(errors) < 1e-4
