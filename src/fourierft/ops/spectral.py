@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
@@ -61,7 +60,6 @@ __all__ = [
     "make_spectral_plan",
     "plan_buffers",
     "plan_from_buffers",
-    "release_workspace",
     "linear_spectral_apply",
     "spectral_apply",
     "spectral_apply_per_sample",
@@ -316,65 +314,10 @@ def _blocks(tokens: int, samples: int, entries: int, device: torch.device):
 
 
 
-class _Workspace(threading.local):
-    """Per-thread reusable CPU buffers for the spectral op's temporaries (see :func:`_scratch`)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-
-_WORKSPACE = _Workspace()
-#: Largest temporary (bytes) kept for reuse; larger ones are allocated per call. With about eight
-#: temporaries per thread this bounds what is kept to ~8 x 16 MiB (``release_workspace`` frees it).
-WORKSPACE_MAX_BYTES = 16 << 20
-
-
-def release_workspace() -> None:
-    """Free the calling thread's reusable CPU buffers of the spectral op (they are rebuilt when needed)."""
-    _WORKSPACE.buffers.clear()
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-             zero: bool = False) -> torch.Tensor:
-    """A temporary that never leaves the op call: on CPU, a reused per-thread buffer.
-
-    Fresh CPU tensors of a few MB come from ``mmap`` and pay a page fault per 4 KiB on first touch
-    (measured: zeroing a fresh 2 MB tensor 0.7 ms, a reused one 0.1 ms); reusing them saved 8% of a
-    training step at d=384 and 3% at d=4096. Not on GPUs (their caching allocator already reuses
-    memory), not while compiling, and not for buffers over :data:`WORKSPACE_MAX_BYTES`.
-    """
-    numel = math.prod(shape)
-    if torch.compiler.is_compiling() or device.type != "cpu" or \
-            numel * torch.empty((), dtype=dtype).element_size() > WORKSPACE_MAX_BYTES:
-        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    key = (name, dtype, torch.is_inference_mode_enabled())
-    buf = _WORKSPACE.buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buffers[key] = torch.empty(numel, dtype=dtype)
-    out = buf[:numel].view(shape)
-    return out.zero_() if zero else out
-
-
-def _complex_scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                     zero: bool = False) -> torch.Tensor:
-    """Complex ``(rows, cols)`` scratch of real ``dtype``'s width, made from real memory: on CPU (torch
-    2.13) complex ``torch.zeros`` measured 4x slower than real (2.9 vs 0.75 ms for 1024 x 385)."""
-    return torch.view_as_complex(_scratch(name, (rows, cols, 2), dtype, device, zero))
-
-
-def _rfft(x2: torch.Tensor, name: str) -> torch.Tensor:
-    """``rfft`` of the rows of ``x2`` into scratch ``name``."""
-    out = _complex_scratch(name, x2.shape[0], x2.shape[1] // 2 + 1, x2.dtype, x2.device)
-    return torch.fft.rfft(x2, out=out) if out.is_contiguous() else torch.fft.rfft(x2)
-
-
-def _irfft(half: torch.Tensor, n: int, name: str | None) -> torch.Tensor:
-    """``irfft`` of the rows of ``half`` to length ``n``; into scratch ``name`` unless ``None`` (the
-    result leaves the op)."""
-    if name is None or torch.compiler.is_compiling():
-        return torch.fft.irfft(half, n=n)
-    out = _scratch(name, (half.shape[0], n), half.real.dtype, half.device)
-    return torch.fft.irfft(half, n=n, out=out)
+def _complex_zeros(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Complex zeros of real ``dtype``'s width, made as real zeros: on CPU (torch 2.13) ``torch.zeros``
+    with a complex dtype measured 4x slower (2.9 vs 0.75 ms for 1024 x 385)."""
+    return torch.view_as_complex(torch.zeros(rows, cols, 2, dtype=dtype, device=device))
 
 
 def _real_view(spec: torch.Tensor) -> torch.Tensor:
@@ -382,28 +325,27 @@ def _real_view(spec: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(spec).reshape(spec.shape[0], -1)
 
 
-def _forward_map(x2: torch.Tensor, b: SpectralPlan, coef: torch.Tensor, out_name: str | None = None) -> torch.Tensor:
-    """``x @ dW^T`` for the rows of ``x2``: ``rfft``, gather, scale, scatter into ``H``, one ``irfft``.
+def _forward_map(rx: torch.Tensor, b: SpectralPlan, coef: torch.Tensor) -> torch.Tensor:
+    """``x @ dW^T`` from ``rx = rfft(x)``: gather, scale, scatter into ``H``, one ``irfft``.
 
     ``coef`` is ``(S, 2n)``: the ``T`` rows form ``S`` equal runs, run ``s`` scaled by row ``s``.
-    Tokens go through in blocks so that the ``T x 2n`` entry values never exist at once. The
-    result is scratch ``out_name`` if given (the caller consumes it at once), else a new tensor.
+    Tokens go through in blocks so that the ``T x 2n`` entry values never exist at once.
     """
-    tokens, src = x2.shape[0], _real_view(_rfft(x2, "rfft_x"))
+    tokens, src = rx.shape[0], _real_view(rx)
     samples, entries = coef.shape
-    half = _complex_scratch("half_out", tokens, b.d_out // 2 + 1, coef.dtype, x2.device, zero=True)
+    half = _complex_zeros(tokens, b.d_out // 2 + 1, coef.dtype, rx.device)
     buf = None
-    for s, e, i, j in _blocks(tokens, samples, entries, x2.device):
+    for s, e, i, j in _blocks(tokens, samples, entries, rx.device):
         if buf is None:
-            buf = _scratch("entries_a", (e - s, entries), coef.dtype, x2.device)
+            buf = torch.empty(e - s, entries, dtype=coef.dtype, device=rx.device)
         z = torch.index_select(src[s:e], 1, b.in_cols, out=buf[: e - s])
         z.view(j - i, -1, entries).mul_(coef[i:j].unsqueeze(1))
         half[s:e].index_add_(1, b.out_bins, torch.view_as_complex(z.view(e - s, -1, 2)))
-    return _irfft(half, b.d_out, out_name)
+    return torch.fft.irfft(half, n=b.d_out)
 
 
 def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, coef: torch.Tensor | None,
-                  samples: int, out_name: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  samples: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Input gradient (if ``coef``) and per-entry ``sum_t`` products (if ``x2``), from ``dL/dy``.
 
     Returns:
@@ -411,17 +353,17 @@ def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, co
         ``prod[s, 2i+1] = sum_t Im R Im G`` at entry ``i`` over the tokens of sample run ``s``.
     """
     tokens, entries = gy.shape[0], b.in_cols.numel()
-    g_src = _real_view(_rfft(gy, "rfft_gy"))
+    g_src = _real_view(torch.fft.rfft(gy))
     prod = half = x_src = g_buf = x_buf = None
     if x2 is not None:
-        x_src = _real_view(_rfft(x2, "rfft_x"))
+        x_src = _real_view(torch.fft.rfft(x2))
         prod = torch.zeros(samples, entries, dtype=gy.dtype, device=gy.device)
     if coef is not None:
-        half = _complex_scratch("half_in", tokens, b.d_in // 2 + 1, gy.dtype, gy.device, zero=True)
+        half = _complex_zeros(tokens, b.d_in // 2 + 1, gy.dtype, gy.device)
     for s, e, i, j in _blocks(tokens, samples, entries, gy.device):
         if g_buf is None:
-            g_buf = _scratch("entries_a", (e - s, entries), gy.dtype, gy.device)
-            x_buf = _scratch("entries_b", (e - s, entries), gy.dtype, gy.device) if x_src is not None else None
+            g_buf = torch.empty(e - s, entries, dtype=gy.dtype, device=gy.device)
+            x_buf = torch.empty_like(g_buf) if x_src is not None else None
         g = torch.index_select(g_src[s:e], 1, b.out_cols, out=g_buf[: e - s])
         if prod is not None:
             xg = torch.index_select(x_src[s:e], 1, b.in_cols, out=x_buf[: e - s]).mul_(g)
@@ -429,7 +371,7 @@ def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, co
         if half is not None:
             g.view(j - i, -1, entries).mul_(coef[i:j].unsqueeze(1))
             half[s:e].index_add_(1, b.in_bins, torch.view_as_complex(g.view(e - s, -1, 2)))
-    grad_x2 = _irfft(half, b.d_in, out_name) if half is not None else None
+    grad_x2 = torch.fft.irfft(half, n=b.d_in) if half is not None else None
     return grad_x2, prod
 
 
@@ -447,7 +389,7 @@ class _SpectralApply(torch.autograd.Function):
         if x2.shape[0] == 0:
             return x.new_zeros(*x.shape[:-1], b.d_out)
         coef = _coefficients(spectra, scalings, b.fwd_weight, b.d_in, cdtype, slots)
-        y = _forward_map(x2, b, coef)
+        y = _forward_map(torch.fft.rfft(x2), b, coef)
         return y.to(x.dtype).reshape(*x.shape[:-1], b.d_out)
 
     @staticmethod
@@ -493,7 +435,7 @@ class _LinearSpectralApply(torch.autograd.Function):
         x2 = x.reshape(-1, b.d_in).to(cdtype)
         if x2.shape[0]:
             coef = _coefficients(spectra, scalings, b.fwd_weight, b.d_in, cdtype)
-            y.view(-1, b.d_out).add_(_forward_map(x2, b, coef, out_name="delta").to(y.dtype))
+            y.view(-1, b.d_out).add_(_forward_map(torch.fft.rfft(x2), b, coef).to(y.dtype))
         return y
 
     @staticmethod
@@ -510,7 +452,7 @@ class _LinearSpectralApply(torch.autograd.Function):
             return (grad_x, None, None, None, None, None, None, *[torch.zeros_like(s) for s in spectra])
         x2 = x.reshape(-1, b.d_in).to(cdtype) if need_c else None
         coef = _coefficients(spectra, scalings, b.bwd_weight, b.d_out, cdtype) if need_x else None
-        grad_x2, prod = _backward_map(gy.to(cdtype), x2, b, coef, 1, out_name="delta")
+        grad_x2, prod = _backward_map(gy.to(cdtype), x2, b, coef, 1)
         if need_x:
             grad_x.view(-1, b.d_in).add_(grad_x2.to(grad_x.dtype))
         grad_c = [None] * len(spectra)
