@@ -3,7 +3,7 @@
 Compared, on the same ``nn.Linear(d, d)`` (frozen) and the same input:
 
 * ``frozen``    the frozen layer alone (the floor);
-* ``ours``      frozen layer + ``fourierft.ops.spectral.spectral_apply`` (n entries);
+* ``ours``      fourierft's FourierFT layer (``get_peft_model`` on a one-layer model, n entries);
 * ``peft_fft``  peft's FourierFT layer (``get_peft_model`` on a one-layer model, same n, scaling);
 * ``peft_lora`` peft's LoRA r=8 on the same layer, for reference.
 
@@ -35,36 +35,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fourierft.ops.spectral import frequency_indices, make_spectral_plan, spectral_apply
-
 RESULTS = Path(__file__).resolve().parent / "results" / "spectral_op.json"
 
 
-class OursLinear(nn.Module):
-    """Minimal stand-in for the library layer: frozen base + one spectral adapter."""
-
-    def __init__(self, base: nn.Linear, n: int, scaling: float, seed: int = 777):
-        super().__init__()
-        self.base, self.scaling = base, scaling
-        d_out, d_in = base.out_features, base.in_features
-        self.plan = make_spectral_plan(frequency_indices(d_out, d_in, n, seed), d_out, d_in)
-        self.spectrum = nn.Parameter(torch.randn(n))
-
-    def forward(self, x):
-        d_out = self.base.out_features
-        return self.base(x) + spectral_apply(x, [self.spectrum], [self.plan], [self.scaling], d_out)
-
-
 def build(method: str, base: nn.Linear, n: int, scaling: float) -> nn.Module:
+    """The layer as users get it: ``get_peft_model`` on a one-layer model, from fourierft or peft."""
     base = copy.deepcopy(base).requires_grad_(False)
     if method == "frozen":
         return base
-    if method == "ours":
-        return OursLinear(base, n, scaling)
-    from peft import FourierFTConfig, LoraConfig, get_peft_model
-
     model = nn.Sequential()
     model.add_module("lin", base)
+    if method == "ours":
+        import fourierft
+
+        config = fourierft.FourierFTConfig(n_frequency=n, scaling=scaling, target_modules=["lin"])
+        return fourierft.get_peft_model(model, config)
+    from peft import FourierFTConfig, LoraConfig, get_peft_model
+
     config = (FourierFTConfig(n_frequency=n, scaling=scaling, target_modules=["lin"])
               if method == "peft_fft" else LoraConfig(r=8, lora_alpha=16, target_modules=["lin"]))
     return get_peft_model(model, config)
