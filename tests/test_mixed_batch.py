@@ -15,6 +15,8 @@ METHODS = {
     "fourierft_shared": lambda i, **kw: FourierFTConfig(n_frequency=24, init_weights=False, **kw),
     "fourierft_partly_shared": lambda i, **kw: FourierFTConfig(n_frequency=24, random_loc_seed=i % 2,
                                                                 init_weights=False, **kw),
+    # one geometry for all: a mixed batch is rotated in one batched pass
+    "boft_shared": lambda i, **kw: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False, **kw),
     "boft": lambda i, **kw: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1 + i % 2, init_weights=False, **kw),
 }
 

@@ -374,3 +374,31 @@ def test_scale_output_matches_peft_formula(monkeypatch, with_bias, chunk):
     # Only the scale trains (frozen input path): no gradient for y is computed.
     (gs,) = torch.autograd.grad(bf.scale_output(y.detach(), s, b.detach() if with_bias else None), s, g)
     torch.testing.assert_close(gs, expected[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometries(), st.integers(1, 3), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_rotate_per_sample_matches_dense_per_sample(geometry, k, samples, mixed_geometry, seed):
+    """Each sample rotated by its own adapter's dense M (identity for slot k), with gradients."""
+    m, size, num, lead = geometry
+    n = num * size
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(m, num, size, size)] * k
+    if mixed_geometry and k > 1 and m > 1:  # a second geometry forces the per-adapter path
+        shapes[-1] = (1, num, size, size)
+    rs = [torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True) for shape in shapes]
+    x = torch.randn(samples, *lead, n, dtype=torch.float64, generator=gen, requires_grad=True)
+    slots = torch.randint(0, k + 1, (samples,), generator=gen)
+    qs = [bf.cayley(r) for r in rs]
+    got = bf.rotate_per_sample(x, qs, slots)
+    dense = [reference_rotation(q, peft_permutations(n, num, size, q.shape[0])) for q in qs]
+    dense.append(torch.eye(n, dtype=torch.float64))
+    want = torch.stack([x[s] @ dense[int(slots[s])] for s in range(samples)]) if samples else x
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gy = torch.randn(want.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, [x, *rs], gy, allow_unused=True, retain_graph=True),
+                    torch.autograd.grad(want, [x, *rs], gy, allow_unused=True)):
+        if a is None or b is None:
+            assert (a is None or not a.abs().sum()) and (b is None or not b.abs().sum())
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import TunerConfig, register_config
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, sample_slots
 from ..ops import butterfly
 from ..tuner import AdapterModel
 
@@ -230,14 +230,14 @@ class BOFTLinear(_BOFTLayer):
 
 
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
-        """Each group's samples rotated by its adapter, one base matmul, then per-sample scales."""
+        """Samples rotated by their adapters (one batched pass when the geometries agree), one base matmul,
+        then per-sample scales."""
         base = self.get_base_layer()
-        index = torch.cat(list(groups.values()))
-        rotated = [butterfly.rotate(x[i], self.rotation_blocks(n, dropout=True)) for n, i in groups.items()]
-        z = x.index_copy(0, index, torch.cat(rotated))  # one scatter, not one per adapter
-        scales = [self._scale(n).to(x.dtype).expand(i.numel(), -1) for n, i in groups.items()]
-        scale = torch.ones(x.shape[0], base.weight.shape[0], dtype=x.dtype, device=x.device)
-        scale = scale.index_copy(0, index, torch.cat(scales))
+        names = list(groups)
+        slots = sample_slots(self.sample_adapters, x.shape[0], names, x.device)
+        z = butterfly.rotate_per_sample(x, [self.rotation_blocks(n, dropout=True) for n in names], slots)
+        ones = torch.ones(base.weight.shape[0], dtype=x.dtype, device=x.device)
+        scale = torch.stack([self._scale(n).to(x.dtype) for n in names] + [ones]).index_select(0, slots)
         y = self.base_layer(z, *args, **kwargs)
         scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), scale.shape[1]).to(y.dtype)
         if base.bias is None:

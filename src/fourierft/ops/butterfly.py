@@ -29,6 +29,7 @@ __all__ = [
     "butterfly_permutations",
     "cayley",
     "rotate",
+    "rotate_per_sample",
     "rotate_transpose",
     "dense_rotation",
     "multiplicative_dropout",
@@ -410,6 +411,43 @@ def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) 
         ``x M``, shaped and typed like ``x`` (possibly a non-contiguous view).
     """
     return _apply(x, q, perms, transpose=False)
+
+
+def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+    """Mixed-adapter batch: sample ``s`` of ``x`` rotated by adapter ``slots[s]`` (``len(qs)``: unrotated).
+
+    When the adapters share one geometry and :func:`rotate` would use fused diagonal blocks, each
+    adapter's blocks are built once, stacked with identity blocks for unrotated samples, and the whole
+    batch is rotated by one bmm over ``samples x blocks``: the cost does not grow with the number of
+    adapters. Otherwise each adapter's samples are rotated apart (one :func:`rotate` per adapter).
+
+    Args:
+        x: input ``(S, ..., n)``; dimension 0 indexes samples.
+        qs: one ``(m, N, b, b)`` block tensor per adapter.
+        slots: int64 ``(S,)``, on ``x``'s device.
+
+    Returns:
+        Tensor shaped and typed like ``x``.
+    """
+    n = x.shape[-1]
+    shapes = {tuple(q.shape) for q in qs}
+    if len(shapes) == 1:
+        m, num, size, _ = qs[0].shape
+        width = _fused_width(n, size, m) if num * size == n else 0
+        if width:
+            windows, samples = n // width, x.shape[0]
+            blocks = [_fused_blocks(q, width).to(x.dtype) for q in qs]
+            eye = torch.eye(width, dtype=x.dtype, device=x.device).expand(windows, width, width)
+            per_sample = torch.stack(blocks + [eye]).index_select(0, slots)  # (S, windows, w, w)
+            z = x.reshape(samples, -1, windows, width).transpose(1, 2)  # (S, windows, T, w)
+            out = torch.matmul(z, per_sample)
+            return out.transpose(1, 2).reshape(x.shape)
+    out = x.clone()
+    for k, q in enumerate(qs):
+        index = (slots == k).nonzero().flatten()
+        if index.numel():
+            out = out.index_copy(0, index, rotate(x.index_select(0, index), q))
+    return out
 
 
 def rotate_transpose(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
