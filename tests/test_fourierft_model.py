@@ -361,6 +361,11 @@ def test_fused_training_path_equals_separate_base(conv1d, monkeypatch):
     separate = run()
     handle.remove()
     assert calls == [1]
+    seen = []  # a global module hook must see the base layer run as well
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+    run()
+    handle.remove()
+    assert calls == [1] and type(wrapped.base_layer) in seen
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # inference never fuses (nothing to save; the dense route may be cheaper)

@@ -121,6 +121,18 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
 
 _FUSABLE = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose."""
+    from torch.nn.modules import module as module_mod
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           getattr(module, "_backward_pre_hooks", None))
+    shared = (getattr(module_mod, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+    return any(bool(h) for h in (*own, *shared))
+
+
 PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
 
 
@@ -262,7 +274,7 @@ class FourierFTLinear(AdapterLayer):
         base = self.base_layer
         if args or kwargs or type(base) not in _FUSABLE or not torch.is_grad_enabled():
             return False
-        if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        if _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
             return False
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return False
@@ -280,7 +292,7 @@ class FourierFTLinear(AdapterLayer):
         base = self.base_layer
         result = base(x, *args, **kwargs)
         delta = self.delta_output(x, adapter_names).to(result.dtype)
-        if type(base) in _FUSABLE and not (base._forward_hooks or args or kwargs):  # a fresh tensor of ours
+        if type(base) in _FUSABLE and not (_has_hooks(base) or args or kwargs):  # a fresh tensor of ours
             return result.add_(delta)
         return result + delta
 
