@@ -174,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = ([(768, 1024), (4096, 512)] if args.quick else
-              [(d, t) for d in (768, 1024, 4096) for t in (128, 512, 2048)])
+              [(d, t) for d in (768, 1024, 4096) for t in (128, 512, 2048, 4096)])
     methods = args.methods.split(",")
     load_start = _loadavg()
     rows: list[dict] = []
