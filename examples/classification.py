@@ -200,8 +200,13 @@ def format_table(rows: list[dict], metric: str, split: str = "test") -> str:
     for r in rows:
         size = r["file_bytes"] / 1024
         size_text = f"{size:,.0f} KiB" if size < 10240 else f"{size / 1024:,.1f} MiB"
+        score = score_text(r["score"], metric)
+        if len(r.get("scores", [])) > 1:  # several seeds: mean ± sample standard deviation
+            scores = np.array(r["scores"])
+            spread = scores.std(ddof=1)
+            score += f" ± {100 * spread:.2f} ({len(scores)} seeds)" if metric == "accuracy" else f" ± {spread:.4f}"
         lines.append(f"| {names.get(r['method'], r['method'])} | {r['trainable']:,d} | {r['adapter']:,d} | "
-                     f"{size_text} | {score_text(r['score'], metric)} | {r['seconds']:.0f} s |")
+                     f"{size_text} | {score} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
 
