@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_registry  # the global hook dicts
 
 from ..config import TunerConfig, register_config
 from ..layer import AdapterLayer, sample_slots
@@ -121,13 +122,12 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
 
 _FUSABLE = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose."""
-    from torch.nn.modules import module as module_mod
-
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
            getattr(module, "_backward_pre_hooks", None))
-    shared = (getattr(module_mod, name, None) for name in (
+    shared = (getattr(_module_registry, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_backward_pre_hooks"))
     return any(bool(h) for h in (*own, *shared))
