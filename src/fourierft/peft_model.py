@@ -178,12 +178,7 @@ class PeftModel(nn.Module):
         self.base_model.delete_adapter(adapter_name)
 
     def _adapter_params(self) -> Iterator[nn.Parameter]:
-        for _, layer in self.base_model.adapter_layers():
-            for name in layer.adapter_names():
-                for _, p in layer.adapter_parameters(name):
-                    yield p
-        for wrapper in self.base_model._wrappers():
-            yield from wrapper.modules_to_save.parameters()
+        return self.base_model.adapter_tensors()
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -343,9 +338,7 @@ class PeftModel(nn.Module):
                 f"Adapter {adapter_name!r} already exists with a different config ({', '.join(differ)} differ); "
                 f"load the file under a new name, or delete_adapter({adapter_name!r}) first."
             )
-        mine = [p for _, layer in self.base_model.adapter_layers() for _, p in layer.adapter_parameters(adapter_name)]
-        mine += [p for w in self.base_model._wrappers() if adapter_name in w.modules_to_save
-                 for p in w.modules_to_save[adapter_name].parameters()]
+        mine = list(self.base_model.adapter_tensors([adapter_name]))
         saved = [t.detach().clone() for t in mine]
         try:
             return self._load_weights(weights, adapter_name, False, config, **kwargs)

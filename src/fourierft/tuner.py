@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import re
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -397,17 +397,22 @@ class AdapterModel(nn.Module):
                     if name in layer.adapter_names() and layer.bias is not None:
                         layer.get_base_layer().bias.requires_grad_(train)
 
+    def adapter_tensors(self, adapter_names: Optional[Iterable[str]] = None) -> Iterator[nn.Parameter]:
+        """The tensors of the given adapters (default: all), in their layers and modules_to_save copies."""
+        for _, layer in self.adapter_layers():
+            for name in layer.adapter_names() if adapter_names is None else adapter_names:
+                for _, p in layer.adapter_parameters(name):
+                    yield p
+        for w in self._wrappers():
+            for name in w.modules_to_save if adapter_names is None else adapter_names:
+                if name in w.modules_to_save:
+                    yield from w.modules_to_save[name].parameters()
+
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the given adapters' tensors and modules_to_save copies."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for _, layer in self.adapter_layers():
-            for name in names:
-                for _, p in layer.adapter_parameters(name):
-                    p.requires_grad_(requires_grad)
-        for w in self._wrappers():
-            for name in names:
-                if name in w.modules_to_save:
-                    w.modules_to_save[name].requires_grad_(requires_grad)
+        for p in self.adapter_tensors(names):
+            p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; if it was active the first remaining (sorted) name takes over.

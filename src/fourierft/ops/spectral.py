@@ -390,6 +390,30 @@ def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, co
     return grad_x2, prod
 
 
+def _spectrum_grads(prod: torch.Tensor, b: SpectralPlan, spectra: Sequence[torch.Tensor], scalings: Sequence[float],
+                    cdtype: torch.dtype, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each spectrum's gradient from :func:`_backward_map`'s per-run products ``prod`` ``(S, 2n)``."""
+    if slots is not None:  # sum each adapter's samples; the last row collects adapter-less ones
+        prod = prod.new_zeros(len(spectra) + 1, prod.shape[1]).index_add_(0, slots, prod)[:-1]
+    dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
+    return [(part * a).to(s.dtype) for part, a, s in zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
+
+
+def _check_adapters(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
+                    scalings: Sequence[float], d_out: int, d_in: int) -> None:
+    """Raise ``ValueError`` unless there is one spectrum, plan and scaling per adapter, all fitting
+    a ``(d_out, d_in)`` weight and ``x``."""
+    if not (len(spectra) == len(plans) == len(scalings)) or not plans:
+        raise ValueError(f"need one spectrum, plan and scaling per adapter, got "
+                         f"{len(spectra)}, {len(plans)}, {len(scalings)}")
+    for s, p in zip(spectra, plans):
+        if (p.d_out, p.d_in) != (d_out, d_in) or s.shape != p.in_bins.shape:
+            raise ValueError(f"spectrum of shape {tuple(s.shape)} and plan for ({p.d_out}, "
+                             f"{p.d_in}) do not fit a ({d_out}, {d_in}) weight")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features, expected d_in={d_in}")
+
+
 class _SpectralApply(torch.autograd.Function):
     """``x @ dW^T`` through half spectra (summed adapters, or one adapter per sample via ``slots``);
     saves only ``x`` and the spectra."""
@@ -422,13 +446,7 @@ class _SpectralApply(torch.autograd.Function):
         samples = 1 if slots is None else slots.numel()
         grad_x2, prod = _backward_map(gy, x2, b, coef, samples)
         grad_x = grad_x2.to(x_dtype).reshape(x_shape) if need_x else None
-        grad_c = [None] * len(spectra)
-        if need_c:
-            if slots is not None:  # sum each adapter's samples; the last row collects adapter-less ones
-                prod = prod.new_zeros(len(spectra) + 1, prod.shape[1]).index_add_(0, slots, prod)[:-1]
-            dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
-            grad_c = [(part * a).to(s.dtype) for part, a, s in
-                      zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
+        grad_c = _spectrum_grads(prod, b, spectra, scalings, cdtype, slots) if need_c else [None] * len(spectra)
         return (grad_x, None, None, None, None, *grad_c)
 
 
@@ -470,11 +488,7 @@ class _LinearSpectralApply(torch.autograd.Function):
         grad_x2, prod = _backward_map(gy.to(cdtype), x2, b, coef, 1)
         if need_x:
             grad_x.view(-1, b.d_in).add_(grad_x2.to(grad_x.dtype))
-        grad_c = [None] * len(spectra)
-        if need_c:
-            dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
-            grad_c = [(part * a).to(s.dtype) for part, a, s in
-                      zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
+        grad_c = _spectrum_grads(prod, b, spectra, scalings, cdtype) if need_c else [None] * len(spectra)
         return (grad_x, None, None, None, None, None, None, *grad_c)
 
 
@@ -534,16 +548,8 @@ def spectral_apply(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequ
     Raises:
         ValueError: on mismatched lengths or shapes.
     """
-    if not (len(spectra) == len(plans) == len(scalings)) or not plans:
-        raise ValueError(f"need one spectrum, plan and scaling per adapter, got "
-                         f"{len(spectra)}, {len(plans)}, {len(scalings)}")
-    d_in = plans[0].d_in
-    for s, p in zip(spectra, plans):
-        if (p.d_out, p.d_in) != (d_out, d_in) or s.shape != p.in_bins.shape:
-            raise ValueError(f"spectrum of shape {tuple(s.shape)} and plan for ({p.d_out}, "
-                             f"{p.d_in}) do not fit a ({d_out}, {d_in}) weight")
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has {x.shape[-1]} features, expected d_in={d_in}")
+    d_in = plans[0].d_in if plans else 0
+    _check_adapters(x, spectra, plans, scalings, d_out, d_in)
     cdtype = _compute_dtype(x, spectra)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *spectra))
     tokens, n_total = x.numel() // max(d_in, 1), sum(s.numel() for s in spectra)
@@ -622,15 +628,7 @@ def linear_spectral_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_spectral_apply needs a frozen weight and bias (requires_grad=False)")
-    if not (len(spectra) == len(plans) == len(scalings)) or not plans:
-        raise ValueError(f"need one spectrum, plan and scaling per adapter, got "
-                         f"{len(spectra)}, {len(plans)}, {len(scalings)}")
-    for s, p in zip(spectra, plans):
-        if (p.d_out, p.d_in) != (d_out, d_in) or s.shape != p.in_bins.shape:
-            raise ValueError(f"spectrum of shape {tuple(s.shape)} and plan for ({p.d_out}, "
-                             f"{p.d_in}) do not fit a ({d_out}, {d_in}) weight")
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has {x.shape[-1]} features, expected d_in={d_in}")
+    _check_adapters(x, spectra, plans, scalings, d_out, d_in)
     cdtype = _compute_dtype(x, spectra)
     return _LinearSpectralApply.apply(x, weight, bias, transposed, _concat(plans), [float(a) for a in scalings],
                                       cdtype, *spectra)
