@@ -219,7 +219,8 @@ def test_identity_init_and_only_adapter_trains():
 
 
 def test_multiplicative_dropout_matches_peft_in_training():
-    ours, theirs = _pair("mlp", dict(target_modules=["lin0"], boft_block_size=2, boft_dropout=0.5))
+    # 0.4 x 5 blocks is a whole number of blocks: there PEFT's count is right and the draws are the same
+    ours, theirs = _pair("mlp", dict(target_modules=["lin0"], boft_block_size=2, boft_dropout=0.4))
     ours.train(), theirs.train()
     x = _inputs("mlp")
     torch.manual_seed(7)

@@ -299,15 +299,33 @@ def test_dropout_eval_and_zero_p_are_identity_without_rng():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.parametrize("p,num,expected", [(0.5, 8, 4), (0.1, 8, 0), (0.26, 8, 2), (0.99, 4, 3)])
-def test_dropout_drops_floor_p_num_blocks_in_one_factor(p, num, expected):
+@pytest.mark.parametrize("p,num,counts", [(0.5, 8, {4}), (0.1, 8, {0, 1}), (0.26, 8, {2, 3}), (0.6, 4, {2, 3})])
+def test_dropout_drops_floor_or_ceil_p_num_blocks_in_one_factor(p, num, counts):
     torch.manual_seed(3)
     q = bf.cayley(torch.randn(3, num, 4, 4) + 1.0)
-    out = bf.multiplicative_dropout(q, p, training=True)
-    is_eye = (out == torch.eye(4)).flatten(2).all(-1)
-    changed = (out != q).flatten(1).any(-1)
-    assert int(is_eye.sum()) == expected
-    assert int(changed.sum()) == (1 if expected else 0)
+    seen = set()
+    for _ in range(40):
+        out = bf.multiplicative_dropout(q, p, training=True)
+        dropped = int((out == torch.eye(4)).flatten(2).all(-1).sum())
+        changed = (out != q).flatten(1).any(-1)
+        assert dropped in counts
+        assert int(changed.sum()) == (1 if dropped else 0)  # one factor at most
+        seen.add(dropped)
+    assert seen == counts  # both roundings happen when p * N is fractional
+
+
+@pytest.mark.parametrize("p,num", [(0.1, 8), (0.3, 4), (0.05, 16)])
+def test_dropout_drops_each_block_with_probability_p(p, num):
+    """PEFT drops int(p N) blocks, so 0.1 over 8 blocks drops none; each block must go with probability p."""
+    torch.manual_seed(0)
+    q = bf.cayley(torch.randn(1, num, 4, 4) + 1.0)
+    trials = 4000
+    drops = torch.zeros(num)
+    for _ in range(trials):
+        drops += (bf.multiplicative_dropout(q, p, training=True) == torch.eye(4)).flatten(2).all(-1)[0].float()
+    rate = drops / trials
+    sd = (p * (1 - p) / trials) ** 0.5
+    assert (rate - p).abs().max() < 5 * sd, rate  # every block, not only on average
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])

@@ -15,7 +15,13 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .checkpoint import CheckpointError, get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint import (
+    CheckpointError,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .integrations.optim import adapter_param_groups
@@ -63,10 +69,12 @@ __all__ = [
     "PeftType",
     "TaskType",
     "adapter_param_groups",
+    "get_base_model_state_dict",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]
 

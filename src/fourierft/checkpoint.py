@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -364,3 +365,95 @@ def _keep(path: str, backup: str) -> None:
         os.link(path, backup, follow_symlinks=False)
     except OSError:  # no hard links on this filesystem
         shutil.copy2(path, backup, follow_symlinks=False)
+
+
+# ---------------------------------------------------------------------------------------------- base model
+def _original_key(root: nn.Module, key: str) -> Optional[str]:
+    """The base model's own name for state-dict key ``key`` of ``root``, or ``None`` for an adapter tensor.
+
+    Walks the key one module at a time, so the wrapper infixes (``base_layer`` inside an adapter layer,
+    ``original_module`` inside a ``modules_to_save`` wrapper) are recognised by the module's type, never by
+    the text alone (a user's module may be called ``base_layer``).
+    """
+    parts, kept, module = key.split("."), [], root
+    for i, part in enumerate(parts):
+        if isinstance(module, AdapterLayer):
+            if part in module.adapter_layer_names:
+                return None
+            if part == "base_layer":
+                module = module.base_layer
+                continue
+        if isinstance(module, ModulesToSaveWrapper):
+            if part == "modules_to_save":
+                return None
+            if part == "original_module":
+                module = module.original_module
+                continue
+        child = module._modules.get(part) if module is not None else None
+        kept.append(part)
+        module = child  # None once past the modules: the rest names a tensor
+    return ".".join(kept)
+
+
+def _base_key_map(model: nn.Module) -> dict[str, str]:
+    """``original key -> key in the adapted model's state dict`` for every base-model tensor."""
+    root, _ = _tuner_root(model)
+    mapping = {}
+    for key in root.state_dict(keep_vars=True):
+        original = _original_key(root, key)
+        if original is not None:
+            mapping.setdefault(original, key)
+    return mapping
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under the base model's own keys (PEFT's ``get_base_model_state_dict``).
+
+    Adapter tensors and ``modules_to_save`` copies are left out, and the ``base_layer`` /
+    ``original_module`` infixes are removed, so the result loads into the unadapted model.
+
+    Args:
+        model: A :class:`~fourierft.PeftModel`, a tuner, or a model injected with :func:`inject_adapter_in_model`.
+    """
+    root, _ = _tuner_root(model)
+    full = root.state_dict()
+    return {original: full[key] for original, key in _base_key_map(model).items()}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load base-model weights given under the base model's own keys (PEFT's ``set_base_model_state_dict``).
+
+    Adapter tensors are not touched. Everything is checked before anything is written: with ``strict``,
+    missing or unexpected keys raise; a shape mismatch always raises.
+
+    Returns:
+        A named tuple ``(missing_keys, unexpected_keys)`` in the base model's key names.
+
+    Raises:
+        RuntimeError: ``strict`` and keys do not match, or a tensor has the wrong shape (nothing loaded).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    root, _ = _tuner_root(model)
+    mapping = _base_key_map(model)
+    current = root.state_dict(keep_vars=True)
+    unexpected = [k for k in state_dict if k not in mapping]
+    missing = [k for k in mapping if k not in state_dict]
+    errors = []
+    if strict and missing:
+        errors.append(f"Missing key(s) in state_dict: {missing}")
+    if strict and unexpected:
+        errors.append(f"Unexpected key(s) in state_dict: {unexpected}")
+    for original, key in mapping.items():
+        value = state_dict.get(original)
+        if isinstance(value, torch.Tensor) and value.shape != current[key].shape:
+            errors.append(f"size mismatch for {original}: copying a param with shape {tuple(value.shape)}, the "
+                          f"shape in the current model is {tuple(current[key].shape)}")
+    if errors:
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(errors))
+    translated = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
+    root.load_state_dict(translated, strict=False)
+    return _IncompatibleKeys(missing, unexpected)
+
+
+_IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])

@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 import os
+import warnings
 from typing import Any, ClassVar, Optional, Union
 
 from ._version import FORMAT_VERSION
@@ -40,6 +41,15 @@ class PeftType(str, enum.Enum):
 
     FOURIERFT = "FOURIERFT"
     BOFT = "BOFT"
+
+
+def _as_peft_type(value: str) -> Union[str, "PeftType"]:
+    """``value`` as a :class:`PeftType` member (PEFT's type for ``config.peft_type``); a method registered
+    from outside the package, with a type string the enum does not list, keeps its plain string."""
+    try:
+        return PeftType(value)
+    except ValueError:
+        return value
 
 
 def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
@@ -106,7 +116,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.PEFT_TYPE:
-            self.peft_type = self.PEFT_TYPE
+            self.peft_type = _as_peft_type(self.PEFT_TYPE)
         if self.peft_version is None:
             self.peft_version = FORMAT_VERSION
         if not isinstance(self.inference_mode, bool):
@@ -134,6 +144,10 @@ class PeftConfig:
                 value = sorted(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            if f.name == "modules_to_save" and isinstance(value, list):
+                # PEFT appends the task heads on every load, so its files grow by "classifier, score" each
+                # round trip; the list means a set of names, so it is written once each, in order.
+                value = list(dict.fromkeys(value))
             out[f.name] = value
         return out
 
@@ -163,13 +177,15 @@ class PeftConfig:
                 )
             target = CONFIG_CLASSES[peft_type]
         if "runtime_config" in data:
-            logger.warning("Ignoring the 'runtime_config' entry of the adapter config.")
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.")
             data.pop("runtime_config")
         names = {f.name for f in dataclasses.fields(target)}
         unknown = [k for k in data if k not in names]
         if unknown:
-            logger.warning(
-                "Unexpected keyword arguments %s for class %s, these are ignored.", unknown, target.__name__
+            warnings.warn(
+                f"Unexpected keyword arguments {sorted(unknown)} for class {target.__name__}, these are ignored. "
+                "This probably means that the configuration file was saved by a newer version of the library."
             )
         config = target(**{k: v for k, v in data.items() if k in names})
         # files from peft <= 0.20 carry no peft_version; they omitted heads and biases (see checkpoint.py)
@@ -180,7 +196,10 @@ class PeftConfig:
     def from_json_file(cls, path: str) -> dict[str, Any]:
         """Read a config JSON file into a dict (PEFT's semantics: returns the dict, not a config)."""
         data = _load_json(path)
-        data.pop("runtime_config", None)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.")
+            del data["runtime_config"]
         return data
 
     @classmethod

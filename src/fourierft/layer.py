@@ -137,7 +137,8 @@ class AdapterLayer(nn.Module):
             self.check_merge(adapter_names)
         base = self.get_base_layer()
         for name in self._to_merge(adapter_names):
-            base.weight.data = self.merged_weight(name, base.weight.data).to(base.weight.dtype)
+            # contiguous: a transposed result would make the merged model unsavable with safetensors
+            base.weight.data = self.merged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -149,7 +150,7 @@ class AdapterLayer(nn.Module):
         """Undo the most recent merge."""
         base = self.get_base_layer()
         name = self.merged_adapters[-1]  # popped only once undone: a failed unmerge leaves a consistent state
-        base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype)
+        base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
         self.merged_adapters.pop()
 
     # ------------------------------------------------------------------ forward
@@ -207,7 +208,11 @@ class AdapterLayer(nn.Module):
         """
         weight = self.get_base_layer().weight
         for _, param in self.adapter_parameters(adapter_name):
-            if param.device.type == "meta":
+            if param.device.type == "meta":  # to be filled by loading: give the placeholder the final dtype
+                dtype = weight.dtype if weight.dtype.is_floating_point else param.dtype
+                if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+                    dtype = torch.float32
+                param.data = torch.empty(param.shape, dtype=dtype, device="meta")
                 continue
             data = param.data.to(weight.device)
             if weight.dtype.is_floating_point:
@@ -284,6 +289,11 @@ class ModulesToSaveWrapper(nn.Module):
     @property
     def active_adapter(self) -> Optional[str]:
         return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of :attr:`active_adapter` (empty when none is active)."""
+        return [] if self._active_adapter is None else [self._active_adapter]
 
     @property
     def weight(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -86,8 +87,8 @@ class PeftModel(nn.Module):
             return
         if config.modules_to_save is None:
             config.modules_to_save = list(self.task_modules_to_save)
-        else:
-            config.modules_to_save.extend(self.task_modules_to_save)
+        else:  # PEFT appends them again on every load; once is enough (the list is a set of names)
+            config.modules_to_save.extend(n for n in self.task_modules_to_save if n not in config.modules_to_save)
 
     def __getattr__(self, name: str):
         try:
@@ -111,6 +112,12 @@ class PeftModel(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's flag: ``False`` only inside :meth:`disable_adapter` while an adapter is active (layers
+        switched off with ``disable_adapter_layers()`` do not change it, as in PEFT)."""
+        return not self._adapters_disabled or not self.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -188,6 +195,12 @@ class PeftModel(nn.Module):
         frozen adapter trainable). Nesting is safe.
         """
         was_disabled = self._adapters_disabled
+        enabled = self.base_model.adapter_layers_enabled()
+        if enabled == "irregular":
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is "
+                "most likely unintentional. After exiting the disable_adapter context, all adapters will be enabled"
+            )
         grads = [(p, p.requires_grad) for p in self._adapter_params()]
         self.base_model.disable_adapter_layers()
         self._adapters_disabled = True
@@ -196,7 +209,7 @@ class PeftModel(nn.Module):
         try:
             yield
         finally:
-            if not was_disabled:
+            if enabled is not False:  # layers switched off before the block stay off (PEFT's rule)
                 self.base_model.enable_adapter_layers()
             self._adapters_disabled = was_disabled
             for p, flag in grads:

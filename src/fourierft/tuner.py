@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import re
+import warnings
 from typing import ClassVar, Iterable, Iterator, Optional
 
 import torch
@@ -296,7 +297,10 @@ class AdapterModel(nn.Module):
             config.__dict__.update(saved_fields)
             raise
         self._freeze_base(model)
+        others = [(p, p.requires_grad) for p in self.adapter_tensors(n for n in self.peft_config if n != adapter_name)]
         self.set_adapter(self.active_adapters)
+        for p, flag in others:  # adding an adapter leaves the others' trainability as it was (as PEFT)
+            p.requires_grad_(flag)
 
     def _check_existing_layer(self, key: str, module: nn.Module, adapter_name: str) -> None:
         """A target that is already adapted (e.g. ``get_peft_model`` called twice on one model) must be of
@@ -371,7 +375,7 @@ class AdapterModel(nn.Module):
             w.set_adapter(names, inference_mode=inference_mode or self._frozen(names))
         for _, layer in self.adapter_layers():
             if layer.merged and set(layer.merged_adapters) != set(names):
-                logger.warning("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
             layer.set_adapter(names, inference_mode=inference_mode)
             for name in names:
@@ -449,11 +453,17 @@ class AdapterModel(nn.Module):
         for name in self.active_adapters:
             bias = self.peft_config[name].bias
             if bias != "none":
-                logger.warning(
-                    "Careful, disabling adapter layers with bias configured to be '%s' does not produce the "
-                    "same output as the base model would without adaption.", bias,
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption."
                 )
         self._set_enabled(False)
+
+    def adapter_layers_enabled(self) -> bool | str:
+        """``True`` when every adapter layer is on, ``False`` when all are off, ``"irregular"`` for a mix
+        (PEFT's ``get_model_status().enabled``)."""
+        states = {not layer.disable_adapters for _, layer in self.adapter_layers()}
+        return states.pop() if len(states) == 1 else ("irregular" if states else True)
 
     def _set_enabled(self, enabled: bool) -> None:
         for _, layer in self.adapter_layers():
@@ -471,8 +481,12 @@ class AdapterModel(nn.Module):
                 raise ValueError(f"Adapter {name} not found.")
         if layers and all(set(names) <= set(layer.merged_adapters) or not set(names) & set(layer.adapter_names())
                           for layer in layers):
-            logger.warning("All adapters are already merged, nothing to do.")
+            warnings.warn("All adapters are already merged, nothing to do.")
             return
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if merged:
+            warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
+                          f"merging {','.join(n for n in names if n not in merged)}.")
         self._merge_layers(layers, names, safe_merge, progressbar=False)
 
     def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
@@ -483,7 +497,15 @@ class AdapterModel(nn.Module):
             layer.merge(adapter_names=names)
 
     def unmerge_adapter(self) -> None:
-        """Undo every merge."""
+        """Undo every merge (warns, as PEFT, when nothing is merged)."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        if not any(layer.merged for layer in layers):
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        for layer in layers:
+            layer.unmerge()
+
+    def _unmerge_all(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
 
@@ -501,12 +523,12 @@ class AdapterModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging (merged layers are unmerged first) and return the base model."""
-        self.unmerge_adapter()
+        self._unmerge_all()
         return self._unload()
 
     def restore_base_model(self) -> nn.Module:
         """Put every original module back (heads included, unlike :meth:`unload`): undoes the injection."""
-        self.unmerge_adapter()
+        self._unmerge_all()
         return self._unload(use_original=True)
 
     def _unload(self, use_original: bool = False) -> nn.Module:

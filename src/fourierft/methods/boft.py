@@ -42,8 +42,9 @@ class BOFTConfig(TunerConfig):
         boft_block_num: Number ``N`` of blocks instead (``n = N * b``). Give one of the two. Passing only
             ``boft_block_num`` works here (PEFT rejects it because the size defaults to 4).
         boft_n_butterfly_factor: Number ``m`` of butterfly factors (1 = block diagonal, as in OFT).
-        boft_dropout: Multiplicative dropout: in training, ``int(p * N)`` blocks of one random factor
-            are replaced by the identity (PEFT's semantics; ``p * N < 1`` drops nothing).
+        boft_dropout: Multiplicative dropout: in training, each block of one random factor is replaced
+            by the identity with probability ``p`` (PEFT drops ``int(p * N)`` blocks, so nothing when
+            ``p * N < 1``; here the count is rounded at random to keep the mean at ``p * N``).
         bias: ``"none"``, ``"all"`` or ``"boft_only"``.
         init_weights: ``True`` (default) starts from the identity rotation and unit scale; ``False``
             draws ``R ~ N(0, 0.1)`` and ``s ~ N(1, 0.1)``.
@@ -96,6 +97,10 @@ class _BOFTLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
+        base = self.get_base_layer()
+        conv = isinstance(base, nn.Conv2d)
+        self.in_features = base.in_channels if conv else base.in_features
+        self.out_features = base.out_channels if conv else base.out_features
         self.boft_R = nn.ParameterDict()
         self.boft_s = nn.ParameterDict()
         self.boft_block_size: dict[str, int] = {}

@@ -523,13 +523,15 @@ def scale_output(y: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None = N
 def multiplicative_dropout(
     q: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """BOFT multiplicative dropout on the Cayley blocks, with PEFT's exact semantics.
+    """BOFT multiplicative dropout on the Cayley blocks: each block of one factor is dropped with probability ``p``.
 
-    Training with ``p > 0``: draw one factor ``f = torch.randint(0, m)``, then replace ``k = int(p N)``
-    of its blocks, chosen by shuffling the mask ``[1]*k + [0]*(N-k)`` with ``torch.randperm(N)``, by
-    the identity; other factors are untouched. ``int`` floors: ``p N < 1`` drops nothing. Random numbers
-    come from the CPU ``generator`` (default: global RNG) in PEFT's order, so equal seeds give PEFT's
-    result. In eval or with ``p == 0``, ``q`` is returned as is and no random number is drawn.
+    Training with ``p > 0``: draw one factor ``f = torch.randint(0, m)`` and replace ``k`` of its ``N``
+    blocks, chosen by ``torch.randperm(N)``, by the identity. PEFT takes ``k = int(p N)``, so ``p N < 1``
+    (e.g. 0.1 over 8 blocks) never drops anything; here ``k`` is ``p N`` rounded down or up at random
+    (up with probability ``frac(p N)``, one extra ``torch.rand`` draw), so ``E[k] = p N`` and every block
+    of the factor is dropped with probability exactly ``p``. When ``p N`` is a whole number no extra number
+    is drawn and the result equals PEFT's for equal seeds. In eval or with ``p == 0``, ``q`` is returned as
+    is and no random number is drawn.
 
     Args:
         q: Blocks ``(m, N, b, b)``.
@@ -546,8 +548,11 @@ def multiplicative_dropout(
         raise ValueError(f"Q must have shape (m, N, b, b), got {tuple(q.shape)}.")
     m, num, size, _ = q.shape
     factor = int(torch.randint(0, m, (1,), generator=generator).item())
-    k = int(p * num)
+    k, frac = divmod(p * num, 1.0)
+    k = int(k)
     order = torch.randperm(num, generator=generator)
+    if frac > 1e-9 and float(torch.rand((), generator=generator)) < frac:
+        k += 1
     # PEFT shuffles the mask [1]*k + [0]*(N-k) with this order: block j is dropped iff order[j] < k.
     mask = torch.zeros(m, num, 1, 1, dtype=torch.bool)
     mask[factor, :, 0, 0] = order < k
