@@ -4,7 +4,7 @@ The docstrings are Google style, but write formulas and cross-references the Sph
 ``:math:`...```, ``:class:`~fourierft.PeftModel```...). Markdown would show those literally, and mangle the
 formulas' underscores and braces. Before mkdocstrings renders a docstring this extension rewrites
 
-* a ``.. math::`` directive and its indented body into a ``$$ ... $$`` block (typeset by MathJax through
+* a ``.. math::`` directive and its indented body into a ``$$ ... $$`` block (typeset as MathML at build time through
   ``pymdownx.arithmatex``),
 * the literal-block marker ``Example::`` into ``Example:`` (the indented block after it is a code block in
   Markdown already),
