@@ -123,11 +123,11 @@ class PeftConfig:
             raise ValueError(f"inference_mode must be a bool, got {self.inference_mode!r}")
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
-        valid = {t.value for t in TaskType}
+        valid = [t.value for t in TaskType]
         if self.task_type is not None and self.task_type not in valid:
             raise ValueError(
                 f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
-                f"{', '.join(sorted(valid))}."
+                f"{', '.join(valid)}."
             )
 
     # ---------------------------------------------------------------- serialisation
@@ -167,7 +167,9 @@ class PeftConfig:
             raise TypeError(f"An adapter config must be a dict, got {type(data).__name__}")
         data = dict(data)
         if "peft_type" not in data:
-            raise TypeError("The config that is trying to be loaded is missing required keys: {'peft_type'}.")
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}."
+            )
         target = cls
         if not cls.PEFT_TYPE or cls.PEFT_TYPE != data["peft_type"]:
             peft_type = data["peft_type"]
@@ -193,9 +195,13 @@ class PeftConfig:
         return config
 
     @classmethod
-    def from_json_file(cls, path: str) -> dict[str, Any]:
-        """Read a config JSON file into a dict (PEFT's semantics: returns the dict, not a config)."""
-        data = _load_json(path)
+    def from_json_file(cls, path_json_file: str) -> dict[str, Any]:
+        """Read a config JSON file into a dict (PEFT's semantics: returns the dict, not a config).
+
+        Args:
+            path_json_file: Path of the JSON file.
+        """
+        data = _load_json(path_json_file)
         if "runtime_config" in data:
             warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
                           "configurations are only valid at runtime.")
@@ -234,6 +240,16 @@ class PeftConfig:
     def is_prompt_learning(self) -> bool:
         """Always ``False``: both methods here are tuners (PEFT's attribute)."""
         return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """Always ``False``: neither method is an adaption prompt (PEFT's attribute)."""
+        return False
+
+    @classmethod
+    def check_kwargs(cls, **kwargs) -> dict[str, Any]:
+        """PEFT's hook for checking keyword arguments before a config is built; returns them unchanged."""
+        return kwargs
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -49,8 +50,9 @@ class AdapterLayer(nn.Module):
         return list(self._active_adapters)
 
     @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names: a list on an adapter layer, as in PEFT (the model's is a name)."""
+        return list(self._active_adapters)
 
     @property
     def merged(self) -> bool:
@@ -142,7 +144,10 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge`, newest first."""
+        """Undo :meth:`merge`, newest first; warns (as PEFT) when nothing is merged."""
+        if not self.merged_adapters:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         while self.merged_adapters:
             self.unmerge_last()
 

@@ -107,7 +107,9 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self.base_model.active_adapter
+        """The active adapter's name (a list only while several are active)."""
+        active = self.base_model.active_adapter
+        return active[0] if isinstance(active, list) and len(active) == 1 else active
 
     @property
     def active_adapters(self) -> list[str]:
@@ -129,6 +131,11 @@ class PeftModel(nn.Module):
         for config in self.peft_config.values():
             names.update(config.modules_to_save or ())
         return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """The base model's ``dtype`` (``None`` for models without one, e.g. a plain ``nn.Module``)."""
+        return getattr(self.get_base_model(), "dtype", None)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers in it)."""
@@ -268,6 +275,12 @@ class PeftModel(nn.Module):
             self.save_pretrained(tmp, safe_serialization=safe_serialization)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message or
                                      "Upload adapter", revision=revision, create_pr=create_pr)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Create ``output_dir/README.md``, or update its YAML header (``library_name: peft``, base model, tags)."""
+        from .modelcard import write_model_card
+
+        write_model_card(output_dir, self)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

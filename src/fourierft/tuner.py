@@ -170,6 +170,11 @@ class AdapterModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the adapted modules, in module order (PEFT's attribute)."""
+        return [name for name, _ in self.adapter_layers()]
+
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """``(name, layer)`` for every adapter layer, in module order."""
         for name, module in self.model.named_modules():
@@ -235,9 +240,9 @@ class AdapterModel(nn.Module):
                 f"to 'none' for all adapters (adapter {with_bias[0]} already has bias={self.peft_config[with_bias[0]].bias!r})."
             )
         if self.prefix.rstrip("_") and adapter_name in self.prefix:
-            logger.warning(
-                "Adapter name %r is part of the prefix %r; this can break key matching in other tools",
-                adapter_name, self.prefix,
+            warnings.warn(
+                f"Adapter name {adapter_name!r} is part of the prefix {self.prefix!r}; this can break key matching "
+                "in other tools"
             )
 
     def inject_adapter(
@@ -383,7 +388,7 @@ class AdapterModel(nn.Module):
                     for _, p in layer.adapter_parameters(name):
                         p.requires_grad_(False)
         self._set_bias_trainable(names, inference_mode)
-        self.active_adapter = names[0] if len(names) == 1 else names
+        self.active_adapter = adapter_name if isinstance(adapter_name, str) else names  # as given, as in PEFT
 
     def _frozen(self, names: list[str]) -> bool:
         return all(self.peft_config[n].inference_mode for n in names) if names else True
@@ -507,7 +512,8 @@ class AdapterModel(nn.Module):
 
     def _unmerge_all(self) -> None:
         for _, layer in self.adapter_layers():
-            layer.unmerge()
+            if layer.merged:  # a layer with nothing merged would warn
+                layer.unmerge()
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None

@@ -209,9 +209,9 @@ class _BOFTLayer(AdapterLayer):
         flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype))
         return flat.reshape(weight.shape).to(weight.dtype)
 
-    def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """PEFT's return value: the dense rotation ``M`` ``(n, n)`` and the scale ``s`` (merging only)."""
-        return butterfly.dense_rotation(self.rotation_blocks(adapter_name)), self.boft_s[adapter_name]
+    def get_delta_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's return value for adapter ``adapter``: the dense rotation ``M`` ``(n, n)`` and the scale ``s``."""
+        return butterfly.dense_rotation(self.rotation_blocks(adapter)), self.boft_s[adapter]
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -173,9 +174,9 @@ class FourierFTLinear(AdapterLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features, is_conv1d = _features(base_layer)
         if config.fan_in_fan_out != is_conv1d:
-            logger.warning(
-                "fan_in_fan_out is set to %s but the target module is %s; setting fan_in_fan_out to %s.",
-                config.fan_in_fan_out, type(base_layer).__name__, is_conv1d,
+            warnings.warn(
+                f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
+                f"`{type(base_layer).__name__}`. Setting fan_in_fan_out to {is_conv1d}."
             )
             config.fan_in_fan_out = is_conv1d
         self.fan_in_fan_out = is_conv1d
@@ -239,11 +240,11 @@ class FourierFTLinear(AdapterLayer):
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         return [frequency_positions(self.fourierft_plan_key[adapter_name])]
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` (used for merging only)."""
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` of adapter ``adapter`` (merging only)."""
         return spectral.dense_delta_weight(
-            self.fourierft_spectrum[adapter_name], self.plan(adapter_name).indices,
-            self.out_features, self.in_features, self.fourierft_scaling[adapter_name],
+            self.fourierft_spectrum[adapter], self.plan(adapter).indices,
+            self.out_features, self.in_features, self.fourierft_scaling[adapter],
         )
 
     def _oriented_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
