@@ -213,13 +213,14 @@ TOP_LEVEL = [
     "AutoPeftModelForTokenClassification", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForFeatureExtraction", "FourierFTModel", "BOFTModel", "get_peft_model", "inject_adapter_in_model",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "get_peft_config", "PeftType", "TaskType",
-    "get_base_model_state_dict", "set_base_model_state_dict",
+    "get_base_model_state_dict", "set_base_model_state_dict", "NoMatchingPeftModuleError", "PeftError",
 ]
 
 # names users import from ``peft.utils``; here from ``fourierft.utils``
 UTILS = ["get_peft_model_state_dict", "set_peft_model_state_dict", "PeftType", "TaskType", "ModulesToSaveWrapper",
-         "CONFIG_NAME", "WEIGHTS_NAME", "SAFETENSORS_WEIGHTS_NAME", "get_base_model_state_dict",
-         "set_base_model_state_dict"]
+         "CONFIG_NAME", "WEIGHTS_NAME", "SAFETENSORS_WEIGHTS_NAME", "NoMatchingPeftModuleError",
+         "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING", "TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING",
+         "get_base_model_state_dict", "set_base_model_state_dict"]
 
 
 @pytest.mark.parametrize("name", TOP_LEVEL)
@@ -236,7 +237,7 @@ def test_utils_name(name):
 
     ref, mine = getattr(peft.utils, name), getattr(fourierft.utils, name)
     assert inspect.isclass(ref) == inspect.isclass(mine)
-    if isinstance(ref, str):
+    if isinstance(ref, (str, dict)):
         assert ref == mine
 
 
@@ -289,6 +290,8 @@ SIGNATURES = [
     ("BOFTLinear.unmerge", _mlp_attr("base_model.model.lin0.unmerge", "boft")),
     ("BOFTLinear.get_delta_weight", _mlp_attr("base_model.model.lin0.get_delta_weight", "boft")),
     ("BOFTLinear.set_adapter", _mlp_attr("base_model.model.lin0.set_adapter", "boft")),
+    ("FourierFTLinear.set_requires_grad", _mlp_attr("base_model.model.lin0.set_requires_grad")),
+    ("BOFTLinear.set_requires_grad", _mlp_attr("base_model.model.lin0.set_requires_grad", "boft")),
     ("FourierFTConfig", lambda lib: lib.FourierFTConfig),
     ("BOFTConfig", lambda lib: lib.BOFTConfig),
     ("PeftConfig.from_pretrained", lambda lib: lib.PeftConfig.from_pretrained),
@@ -601,7 +604,7 @@ def _tuner(lib, tmp, method):
     m = build(lib, method, target_modules=["lin0", "lin1"])
     t = m.base_model
     return (t.peft_config is m.peft_config, t.active_adapter, t.active_adapters, t.prefix,
-            t.targeted_module_names, type_name(t.model))
+            t.targeted_module_names, t.targeted_parameter_names, type_name(t.model))
 
 
 def _fft_layer(lib, tmp, method):
@@ -726,7 +729,41 @@ def _bad_task_type(lib, tmp, method):
 
 
 def _no_target(lib, tmp, method):
-    return raises(lambda: build(lib, method, target_modules=["nope"]))
+    try:
+        build(lib, method, target_modules=["nope"])
+    except lib.NoMatchingPeftModuleError as err:
+        return type_name(err), isinstance(err, ValueError), isinstance(err, lib.PeftError)
+    return None
+
+
+def _peft_model_type(lib, tmp, method):
+    m = build(lib, method)
+    return m.peft_type, m.peft_type == method.upper()
+
+
+def _layer_requires_grad(lib, tmp, method):
+    m = two_adapters(lib, method)
+    layer(m).set_requires_grad(["default", "other"], requires_grad=True)
+    on = grads(m)
+    layer(m).set_requires_grad("default", False)
+    return on, grads(m)
+
+
+def _mts_disabled(lib, tmp, method):
+    m = build(lib, method, modules_to_save=["lin1"])
+    with m.disable_adapter():
+        inside = layer(m, "lin1").disable_adapters
+    return inside, layer(m, "lin1").disable_adapters
+
+
+def _runtime_config_warns(lib, tmp, method):
+    CONFIGS[method](lib).save_pretrained(tmp)
+    path = os.path.join(tmp, "adapter_config.json")
+    data = json.load(open(path))
+    data["runtime_config"] = {"ephemeral_gpu_offload": False}
+    json.dump(data, open(path, "w"))
+    raw, cats = warned(lambda: lib.PeftConfig.from_json_file(path))
+    return cats, "runtime_config" in raw
 
 
 def _bad_set_adapter(lib, tmp, method):
@@ -878,7 +915,11 @@ BEHAVIOUR = [
         ("unknown config keys warn", _unknown_keys_warn),
         ("config without peft_type raises", _missing_peft_type),
         ("invalid task_type raises", _bad_task_type),
-        ("no matching target raises", _no_target),
+        ("no matching target raises NoMatchingPeftModuleError", _no_target),
+        ("PeftModel.peft_type", _peft_model_type),
+        ("tuner layer set_requires_grad", _layer_requires_grad),
+        ("ModulesToSaveWrapper.disable_adapters", _mts_disabled),
+        ("from_json_file drops runtime_config with a warning", _runtime_config_warns),
         ("set_adapter(unknown) raises", _bad_set_adapter),
         ("delete_adapter(unknown) raises", _bad_delete),
         ("add_adapter(existing name) raises", _duplicate_add),

@@ -37,6 +37,7 @@ from .peft_model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .tuner import NoMatchingPeftModuleError, PeftError
 
 __all__ = [
     "__version__",
@@ -58,7 +59,9 @@ __all__ = [
     "FourierFTLinear",
     "FourierFTModel",
     "ModulesToSaveWrapper",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

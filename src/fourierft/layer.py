@@ -97,6 +97,13 @@ class AdapterLayer(nn.Module):
                 p.requires_grad_(name in names and not inference_mode)
         self._active_adapters = [n for n in names if n in self.adapter_names()]
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the tensors of ``adapter_names`` in this layer."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for _, p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
+
     def enable_adapters(self, enabled: bool) -> None:
         """Switch the adapters' contribution on or off (the base layer's output is unchanged)."""
         self._disable_adapters = not enabled
@@ -299,6 +306,11 @@ class ModulesToSaveWrapper(nn.Module):
     def active_adapters(self) -> list[str]:
         """PEFT's list form of :attr:`active_adapter` (empty when none is active)."""
         return [] if self._active_adapter is None else [self._active_adapter]
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapters are disabled (the original module runs)."""
+        return self._disable_adapters
 
     @property
     def weight(self) -> torch.Tensor:

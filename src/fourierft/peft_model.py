@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import PeftConfig
+from .config import PeftConfig, PeftType
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .methods import MODEL_CLASSES
 from .tuner import AdapterModel, check_adapter_name
@@ -120,6 +120,11 @@ class PeftModel(nn.Module):
         """PEFT's flag: ``False`` only inside :meth:`disable_adapter` while an adapter is active (layers
         switched off with ``disable_adapter_layers()`` do not change it, as in PEFT)."""
         return not self._adapters_disabled or not self.active_adapters
+
+    @property
+    def peft_type(self) -> PeftType:
+        """The adapter method, a :class:`~fourierft.PeftType` member."""
+        return PeftType(self.base_model.peft_type)
 
     @property
     def active_peft_config(self) -> PeftConfig:

@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[^./\\\s]+$")
 
 
+class PeftError(Exception):
+    """Base class of this library's own errors that PEFT also raises under its own class (PEFT's ``PeftError``)."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """No module of the model matches the config's ``target_modules`` (PEFT's exception of the same name; a
+    ``ValueError``, as in PEFT)."""
+
+
 def check_adapter_name(name: object) -> str:
     """Reject names that cannot be a ParameterDict key or a folder name.
 
@@ -175,6 +184,11 @@ class AdapterModel(nn.Module):
         """Names of the adapted modules, in module order (PEFT's attribute)."""
         return [name for name, _ in self.adapter_layers()]
 
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """Always empty: these methods adapt modules, not bare parameters (PEFT's attribute)."""
+        return []
+
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """``(name, layer)`` for every adapter layer, in module order."""
         for name, module in self.model.named_modules():
@@ -214,7 +228,7 @@ class AdapterModel(nn.Module):
             layers = "" if missing is None else (
                 f" with layers_to_transform={config.layers_to_transform} (modules of that name exist in layers "
                 f"{present}; no layer {missing})")
-            raise ValueError(
+            raise NoMatchingPeftModuleError(
                 f"Target modules {config.target_modules} not found in the base model{layers}. "
                 "Please check the target modules and try again."
             )

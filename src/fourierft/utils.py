@@ -7,12 +7,23 @@ Everything here is re-exported from where it lives; nothing is defined twice.
 from .checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict, set_peft_model_state_dict
 from .config import CONFIG_NAME, PeftType, TaskType
 from .layer import ModulesToSaveWrapper
+from .methods import BOFTModel, FourierFTModel
+from .targets import DEFAULT_TARGETS
+from .tuner import NoMatchingPeftModuleError, PeftError
+
+#: ``model_type`` -> default ``target_modules`` when a config leaves them ``None`` (a copy; editing it changes nothing).
+TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING = {**DEFAULT_TARGETS, **FourierFTModel.default_target_overrides}
+TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING = {**DEFAULT_TARGETS, **BOFTModel.default_target_overrides}
 
 __all__ = [
     "CONFIG_NAME",
     "ModulesToSaveWrapper",
+    "NoMatchingPeftModuleError",
+    "PeftError",
     "PeftType",
     "SAFETENSORS_WEIGHTS_NAME",
+    "TRANSFORMERS_MODELS_TO_BOFT_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
     "TaskType",
     "WEIGHTS_NAME",
     "get_peft_model_state_dict",
