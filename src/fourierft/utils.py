@@ -4,7 +4,14 @@
 Everything here is re-exported from where it lives; nothing is defined twice.
 """
 
-from .checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict, set_peft_model_state_dict
+from .checkpoint import (
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .config import CONFIG_NAME, PeftType, TaskType
 from .layer import ModulesToSaveWrapper
 from .methods import BOFTModel, FourierFTModel
@@ -26,6 +33,8 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
     "TaskType",
     "WEIGHTS_NAME",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

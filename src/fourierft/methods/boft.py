@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -219,6 +220,14 @@ class _BOFTLayer(AdapterLayer):
 
 class BOFTLinear(_BOFTLayer):
     """BOFT on ``nn.Linear``: ``y = s * (base(x M) - b) + b``, the rotation applied to the activations."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
+        if config.fan_in_fan_out:  # PEFT's correction of the config, with its warning
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        super().__init__(base_layer, adapter_name, config, key=key)
+        self.fan_in_fan_out = False
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
