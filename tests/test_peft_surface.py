@@ -841,6 +841,165 @@ def _forward(lib, tmp, method):
     return output(build(lib, method))
 
 
+def _bert_task(lib, method, cls_name, task_type):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=2, max_position_embeddings=64)
+    base = getattr(transformers, cls_name)(cfg).eval()
+    kw = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
+    config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(
+        task_type=task_type, init_weights=False, **kw)
+    return quiet(lib.get_peft_model, base, config)
+
+
+def _task_classes(lib, tmp, method):
+    out = {}
+    ids = torch.tensor([[5, 7, 9, 11]])
+    for cls_name, task in [("BertForTokenClassification", "TOKEN_CLS"), ("BertForQuestionAnswering", "QUESTION_ANS"),
+                           ("BertModel", "FEATURE_EXTRACTION")]:
+        m = _bert_task(lib, method, cls_name, task)
+        res = m(input_ids=ids)
+        first = res.logits if hasattr(res, "logits") else getattr(res, "start_logits", None)
+        first = res.last_hidden_state if first is None else first
+        out[task] = (type_name(m), m.modules_to_save, sorted(lib.get_peft_model_state_dict(m)), first.detach())
+    return out
+
+
+def _auto_peft(lib, tmp, method):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=3, max_position_embeddings=64)
+    base_dir = os.path.join(tmp, "base")
+    transformers.BertForSequenceClassification(cfg).save_pretrained(base_dir)
+    base = transformers.BertForSequenceClassification.from_pretrained(base_dir).eval()
+    kw = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
+    config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(
+        task_type="SEQ_CLS", init_weights=False, **kw)
+    m = quiet(lib.get_peft_model, base, config)
+    adapter_dir = os.path.join(tmp, "adapter")
+    quiet(m.save_pretrained, adapter_dir)
+    saved_config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    ids = torch.tensor([[5, 7, 9, 11]])
+    loaded = quiet(lib.AutoPeftModelForSequenceClassification.from_pretrained, adapter_dir)
+    return (saved_config["base_model_name_or_path"] == base_dir, type_name(loaded), type_name(loaded.get_base_model()),
+            loaded(input_ids=ids).logits.detach(), m(input_ids=ids).logits.detach())
+
+
+def _named_adapter(lib, tmp, method):
+    torch.manual_seed(0)
+    m = quiet(lib.get_peft_model, MLP(), CONFIGS[method](lib), adapter_name="test-adapter")
+    return sorted(n for n, _ in m.named_parameters() if "test-adapter" in n), m.active_adapter
+
+
+def _not_main_process(lib, tmp, method):
+    quiet(build(lib, method).save_pretrained, tmp, is_main_process=False)
+    return sorted(os.listdir(tmp))
+
+
+def _delete_merged(lib, tmp, method):
+    m = two_adapters(lib, method)
+    quiet(m.merge_adapter)
+    err = raises(lambda: m.delete_adapter("default"))
+    return err, sorted(m.peft_config), layer(m).merged_adapters
+
+
+def _merge_additionally(lib, tmp, method):
+    m = two_adapters(lib, method)
+    quiet(m.merge_adapter, ["default"])
+    cats = warned(lambda: m.merge_adapter(["other"]))[1]
+    return cats, layer(m).merged_adapters, output(m)
+
+
+def _bias_only(lib, tmp, method):
+    bias = "fourier_only" if method == "fourierft" else "boft_only"
+    m = build(lib, method, bias=bias)
+    return grads(m), sorted(lib.get_peft_model_state_dict(m))
+
+
+def _bias_all(lib, tmp, method):
+    m = build(lib, method, bias="all")
+    return grads(m), sorted(lib.get_peft_model_state_dict(m))
+
+
+def _llama_targets(lib, tmp, method, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    extra = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
+    config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(**extra, **kw)
+    m = quiet(lib.get_peft_model, base, config)
+    targets = config.target_modules
+    if kw.get("target_modules") == "all-linear":  # resolved to other (equivalent) names; see docs/migrating.md
+        return type(targets).__name__, m.base_model.targeted_module_names
+    return (sorted(targets) if isinstance(targets, (set, list)) else targets, type(targets).__name__,
+            m.base_model.targeted_module_names)
+
+
+def _half_autocast(lib, tmp, method):
+    torch.manual_seed(0)
+    m = quiet(lib.get_peft_model, MLP().to(torch.bfloat16), CONFIGS[method](lib))
+    adapter = {n: p.dtype for n, p in m.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        return adapter, layer(m)(X.to(torch.bfloat16)).dtype
+
+
+def _n_frequency_pattern(lib, tmp, method):
+    m = build(lib, "fourierft", target_modules=["lin0", "lin1"], n_frequency_pattern={"lin1": 5})
+    return layer(m).fourierft_n_frequency, layer(m, "lin1").fourierft_n_frequency, output(m)
+
+
+def _exclude(lib, tmp, method):
+    m = build(lib, method, target_modules=r".*lin\d", exclude_modules=["lin1"])
+    return m.base_model.targeted_module_names, output(m)
+
+
+def _state_dict_other(lib, tmp, method):
+    m = two_adapters(lib, method)
+    sd = lib.get_peft_model_state_dict(m, adapter_name="other")
+    fresh = build(lib, method, seed=7)
+    torch.manual_seed(3)
+    quiet(fresh.add_adapter, "loaded", CONFIGS[method](lib))
+    lib.set_peft_model_state_dict(fresh, sd, adapter_name="loaded")
+    fresh.set_adapter("loaded")
+    m.set_adapter("other")
+    return sd, output(fresh), output(m)
+
+
+def _inject_state_dict(lib, tmp, method):
+    m = build(lib, method, target_modules=["lin1"])
+    # the keys as a model without a PeftModel wrapper holds them (no "base_model.model." prefix)
+    sd = {k.removeprefix("base_model.model."): v for k, v in lib.get_peft_model_state_dict(m).items()}
+    torch.manual_seed(0)
+    model = quiet(lib.inject_adapter_in_model, CONFIGS[method](lib, target_modules=["lin0"]), MLP(), state_dict=sd)
+    return sorted(model.state_dict()), torch_type(model.lin0), torch_type(model.lin1)
+
+
+def _seq2seq(lib, tmp, method):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                               decoder_start_token_id=0, pad_token_id=0)).eval()
+    extra = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
+    config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(
+        task_type="SEQ_2_SEQ_LM", init_weights=False, **extra)
+    m = quiet(lib.get_peft_model, base, config)
+    ids = torch.tensor([[5, 7, 9, 11]])
+    return type_name(m), m.generate(input_ids=ids, max_new_tokens=3, do_sample=False), sorted(config.target_modules)
+
+
+def _config_subfolder(lib, tmp, method):
+    CONFIGS[method](lib).save_pretrained(os.path.join(tmp, "sub"))
+    loaded = lib.PeftConfig.from_pretrained(tmp, subfolder="sub")
+    return type_name(loaded), loaded.target_modules
+
+
 M = ("fourierft", "boft")
 BEHAVIOUR = [
     *[Case(f"{k} [{meth}]", (lambda f, meth: lambda lib, tmp: f(lib, tmp, meth))(f, meth)) for meth in M for k, f in [
@@ -924,8 +1083,27 @@ BEHAVIOUR = [
         ("delete_adapter(unknown) raises", _bad_delete),
         ("add_adapter(existing name) raises", _duplicate_add),
         ("second adapter with bias raises", _second_bias),
+        ("PeftModelForTokenClassification/QuestionAnswering/FeatureExtraction", _task_classes),
+        ("AutoPeftModelForSequenceClassification.from_pretrained", _auto_peft),
+        ("get_peft_model(adapter_name=)", _named_adapter),
+        ("save_pretrained(is_main_process=False)", _not_main_process),
+        ("delete_adapter(merged) raises", _delete_merged),
+        ("merge_adapter of a further adapter warns", _merge_additionally),
+        ("bias='<method>_only'", _bias_only),
+        ("bias='all'", _bias_all),
+        ("target_modules=None (default mapping)", _llama_targets),
+        ("target_modules='all-linear'", lambda lib, tmp, meth: _llama_targets(lib, tmp, meth, target_modules="all-linear")),
+        ("layers_to_transform/layers_pattern", lambda lib, tmp, meth: _llama_targets(
+            lib, tmp, meth, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")),
+        ("bf16 base, autocast_adapter_dtype=True", _half_autocast),
+        ("exclude_modules", _exclude),
+        ("get/set_peft_model_state_dict(adapter_name=)", _state_dict_other),
+        ("inject_adapter_in_model(state_dict=)", _inject_state_dict),
+        ("PeftModelForSeq2SeqLM.generate", _seq2seq),
+        ("PeftConfig.from_pretrained(subfolder=)", _config_subfolder),
     ]],
     Case("FourierFTLinear attributes", lambda lib, tmp: _fft_layer(lib, tmp, "fourierft")),
+    Case("FourierFTConfig n_frequency_pattern", lambda lib, tmp: _n_frequency_pattern(lib, tmp, "fourierft")),
     Case("FourierFTConfig n_frequency > out*in raises", lambda lib, tmp: _too_many_frequencies(lib, tmp, "fourierft")),
     Case("BOFTLinear attributes", lambda lib, tmp: _boft_layer(lib, tmp, "boft")),
     Case("BOFTLinear in_features/out_features", lambda lib, tmp: _boft_features(lib, tmp, "boft")),
