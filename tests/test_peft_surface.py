@@ -113,6 +113,8 @@ SIGNATURES = [
     ("PeftConfig.from_json_file", lambda lib: lib.PeftConfig.from_json_file),
     ("PeftConfig.from_peft_type", lambda lib: lib.PeftConfig.from_peft_type),
     ("PeftConfig.to_dict", lambda lib: lib.PeftConfig.to_dict),
+    ("AutoPeftModel.from_pretrained", lambda lib: lib.AutoPeftModel.from_pretrained),
+    ("AutoPeftModelForCausalLM.from_pretrained", lambda lib: lib.AutoPeftModelForCausalLM.from_pretrained),
 ]
 
 

@@ -33,8 +33,20 @@ class _AutoPeftModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        revision: Optional[str] = None, **kwargs) -> PeftModel:
+                        revision: Optional[str] = None, import_allowlist: Optional[list[str]] = None,
+                        **kwargs) -> PeftModel:
         """Load base model and adapter.
+
+        Args:
+            pretrained_model_name_or_path: The adapter's folder or Hub repo id.
+            adapter_name: Name of the loaded adapter.
+            is_trainable: Load the adapter for training.
+            config: Use this config instead of the file's.
+            revision: Revision of the base model (default: the adapter config's ``revision``).
+            import_allowlist: PEFT's limit on the modules ``auto_mapping`` may import a base-model class from.
+                Accepted for compatibility; nothing is imported from ``auto_mapping`` here, whatever it holds: the
+                base model is always built by the transformers Auto class.
+            **kwargs: Hub options, then arguments for the base model's ``from_pretrained``.
 
         Raises:
             ValueError: The adapter's ``task_type`` does not match this class, or it names no base model.
