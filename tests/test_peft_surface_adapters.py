@@ -313,6 +313,66 @@ def _exclude(lib, tmp, method):
     return m.base_model.targeted_module_names, output(m)
 
 
+
+def _irregular_disable_warns(lib, tmp, method):
+    m = build(lib, method, target_modules=["lin0", "lin1"])
+    layer(m).enable_adapters(False)  # lin0 off, lin1 on: PEFT calls this state irregular
+    def run():
+        with m.disable_adapter():
+            pass
+    return warned(run)[1]
+
+
+def _safe_merge_nan(lib, tmp, method):
+    m = build(lib, method)
+    name = "fourierft_spectrum" if method == "fourierft" else "boft_R"
+    with torch.no_grad():
+        getattr(layer(m), name)["default"].fill_(float("nan"))
+    return raises(lambda: m.merge_adapter(safe_merge=True), message=True), layer(m).merged, \
+        torch.isfinite(layer(m).get_base_layer().weight).all()
+
+
+def _merge_unload_heads(lib, tmp, method):
+    m = build(lib, method, modules_to_save=["lin1"])
+    with torch.no_grad():
+        layer(m, "lin1").modules_to_save["default"].weight.mul_(2)
+    ref = output(m)
+    merged = quiet(m.merge_and_unload)
+    return torch_type(merged.lin1), merged.lin1.weight, output(merged) - ref
+
+
+def _set_adapter_list(lib, tmp, method):
+    m = two_adapters(lib, method)
+    return raises(lambda: m.set_adapter(["default", "other"]))
+
+
+def _inference_mode_config(lib, tmp, method):
+    return grads(build(lib, method, inference_mode=True))
+
+
+def _modules_to_save_not_targeted(lib, tmp, method):
+    m = build(lib, method, target_modules=["lin0", "lin1"], modules_to_save=["lin1"])
+    return m.base_model.targeted_module_names, torch_type(layer(m, "lin1").original_module), output(m)
+
+
+def _no_default_targets(lib, tmp, method):
+    return raises(lambda: build(lib, method, target_modules=None))
+
+
+def _gpt2_defaults(lib, tmp, method):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    extra = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
+    config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(**extra)
+    try:
+        m, cats = warned(lambda: lib.get_peft_model(base, config))
+    except Exception as err:  # noqa: BLE001 - PEFT's BOFT cannot adapt gpt2's Conv1D default target
+        return "raises", type(err).__mro__[1].__name__ if type(err).__module__ != "builtins" else type(err).__name__
+    return m.base_model.targeted_module_names, config.fan_in_fan_out, cats
+
+
 CASES = [
     *for_both_methods([
         ("forward", _forward),
@@ -365,6 +425,14 @@ CASES = [
             lib, tmp, meth, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")),
         ("bf16 base, autocast_adapter_dtype=True", _half_autocast),
         ("exclude_modules", _exclude),
+        ("disable_adapter() in an irregular state warns", _irregular_disable_warns),
+        ("merge_adapter(safe_merge=True) with NaN raises", _safe_merge_nan),
+        ("merge_and_unload keeps the modules_to_save copy", _merge_unload_heads),
+        ("PeftModel.set_adapter([a, b]) raises", _set_adapter_list),
+        ("config inference_mode=True freezes at injection", _inference_mode_config),
+        ("modules_to_save names are never targeted", _modules_to_save_not_targeted),
+        ("target_modules=None without a default raises", _no_default_targets),
+        ("gpt2 default targets (Conv1D)", _gpt2_defaults),
     ]),
 ]
 

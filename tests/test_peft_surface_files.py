@@ -21,6 +21,7 @@ from peft_surface import (  # noqa: E402
     grads,
     output,
     quiet,
+    raises,
     saved,
     tiny_bert,
     tiny_llama,
@@ -242,6 +243,29 @@ def _seq2seq(lib, tmp, method):
     return type_name(m), m.generate(input_ids=ids, max_new_tokens=3, do_sample=False), sorted(config.target_modules)
 
 
+
+def _bad_selected(lib, tmp, method):
+    m = build(lib, method)
+    return raises(lambda: m.save_pretrained(tmp, selected_adapters=["nope"]))
+
+
+def _bad_config_object(lib, tmp, method):
+    m = build(lib, method)
+    quiet(m.save_pretrained, tmp)
+    return raises(lambda: quiet(lib.PeftModel.from_pretrained, MLP(), tmp, config={"peft_type": method.upper()}))
+
+
+def _from_subfolder(lib, tmp, method):
+    m = two_adapters(lib, method)
+    quiet(m.save_pretrained, tmp)
+    torch.manual_seed(0)
+    a = quiet(lib.PeftModel.from_pretrained, MLP(), tmp, subfolder="other", adapter_name="other")
+    torch.manual_seed(0)
+    b = quiet(lib.PeftModel.from_pretrained, MLP(), os.path.join(tmp, "other"))
+    m.set_adapter("other")
+    return a.active_adapter, b.active_adapter, output(a), output(b), output(m)
+
+
 CASES = [
     *for_both_methods([
         ("save_pretrained", _save),
@@ -274,6 +298,9 @@ CASES = [
         ("get/set_peft_model_state_dict(adapter_name=)", _state_dict_other),
         ("inject_adapter_in_model(state_dict=)", _inject_state_dict),
         ("PeftModelForSeq2SeqLM.generate", _seq2seq),
+        ("save_pretrained(selected_adapters=unknown) raises", _bad_selected),
+        ("from_pretrained(config=<not a PeftConfig>) raises", _bad_config_object),
+        ("from_pretrained(subfolder=, adapter_name=)", _from_subfolder),
     ]),
 ]
 

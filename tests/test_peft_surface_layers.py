@@ -224,6 +224,21 @@ def _config_subfolder(lib, tmp, method):
     return type_name(loaded), loaded.target_modules
 
 
+
+def _layer_repr(lib, tmp, method):
+    return repr(layer(build(lib, method))).split(".")[0]
+
+
+def _config_sets(lib, tmp, method):
+    c = CONFIGS[method](lib, target_modules=["lin0", "lin1"], exclude_modules=["lin1"])
+    return c.target_modules, c.exclude_modules
+
+
+def _str_targets_with_layers(lib, tmp, method):
+    return raises(lambda: CONFIGS["fourierft"](lib, target_modules="lin0", layers_to_transform=[0],
+                                              layers_pattern="layers"))
+
+
 CASES = [
     *for_both_methods([
         ("PeftModel.modules_to_save/ModulesToSaveWrapper", _modules_to_save),
@@ -246,9 +261,13 @@ CASES = [
         ("ModulesToSaveWrapper.disable_adapters", _mts_disabled),
         ("from_json_file drops runtime_config with a warning", _runtime_config_warns),
         ("PeftConfig.from_pretrained(subfolder=)", _config_subfolder),
+        ("tuner layer repr prefix", _layer_repr),
+        ("config target_modules/exclude_modules lists become sets", _config_sets),
     ]),
     Case("FourierFTLinear attributes", lambda lib, tmp: _fft_layer(lib, tmp, "fourierft")),
     Case("FourierFTConfig n_frequency_pattern", lambda lib, tmp: _n_frequency_pattern(lib, tmp, "fourierft")),
+    Case("FourierFTConfig str target_modules with layers_to_transform raises",
+         lambda lib, tmp: _str_targets_with_layers(lib, tmp, "fourierft")),
     Case("FourierFTConfig n_frequency > out*in raises", lambda lib, tmp: _too_many_frequencies(lib, tmp, "fourierft")),
     Case("BOFTLinear attributes", lambda lib, tmp: _boft_layer(lib, tmp, "boft")),
     Case("BOFTLinear in_features/out_features", lambda lib, tmp: _boft_features(lib, tmp, "boft")),
