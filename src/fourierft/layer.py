@@ -117,7 +117,10 @@ class AdapterLayer(nn.Module):
         if adapter_name in self._active_adapters:
             self._active_adapters.remove(adapter_name)
             if not self._active_adapters and self.adapter_names():
-                self._active_adapters = [self.adapter_names()[0]]
+                new_active = self.adapter_names()[0]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{new_active}.")
+                self._active_adapters = [new_active]
 
     # ------------------------------------------------------------------ merging
     def _to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
