@@ -208,10 +208,11 @@ def for_both_methods(rows: list[tuple[str, Callable]]) -> list[Case]:
 
 
 def check(case: Case, tmp_path) -> None:
-    """Run ``case`` in both libraries, each in its own folder under ``tmp_path``, and compare."""
+    """Run ``case`` in both libraries, each in its own folder under ``tmp_path``, and compare its results and the
+    categories of the warnings it issued."""
     results = {}
     for name, lib in LIBS.items():
         tmp = tmp_path / name
         tmp.mkdir()
-        results[name] = case.probe(lib, str(tmp))
+        results[name] = warned(lambda: case.probe(lib, str(tmp)))  # the probe's result and its warnings
     same(results["peft"], results["fourierft"], case.name)
