@@ -266,6 +266,18 @@ def _from_subfolder(lib, tmp, method):
     return a.active_adapter, b.active_adapter, output(a), output(b), output(m)
 
 
+
+def _plain_generate(lib, tmp, method):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    m = quiet(lib.get_peft_model, base.eval(), CONFIGS[method](lib, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([[5, 7, 9, 11]])
+    return type_name(m), m.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+
+
 CASES = [
     *for_both_methods([
         ("save_pretrained", _save),
@@ -289,6 +301,7 @@ CASES = [
         ("get/set_base_model_state_dict", _base_state_dict),
         ("inject_adapter_in_model", _inject),
         ("PeftModelForCausalLM.generate", _generate),
+        ("PeftModel.generate (no task type)", _plain_generate),
         ("PeftModelForCausalLM.forward(labels=)", _causal_loss),
         ("PeftModelForSequenceClassification", _seq_cls),
         ("PeftModelForSequenceClassification reload", _seq_cls_reload),

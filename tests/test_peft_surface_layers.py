@@ -239,6 +239,12 @@ def _str_targets_with_layers(lib, tmp, method):
                                               layers_pattern="layers"))
 
 
+
+def _check_kwargs(lib, tmp, method):
+    cls = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")
+    return cls.check_kwargs(target_modules=["lin0"], foo=1)
+
+
 CASES = [
     *for_both_methods([
         ("PeftModel.modules_to_save/ModulesToSaveWrapper", _modules_to_save),
@@ -262,6 +268,7 @@ CASES = [
         ("from_json_file drops runtime_config with a warning", _runtime_config_warns),
         ("PeftConfig.from_pretrained(subfolder=)", _config_subfolder),
         ("tuner layer repr prefix", _layer_repr),
+        ("Config.check_kwargs", _check_kwargs),
         ("config target_modules/exclude_modules lists become sets", _config_sets),
     ]),
     Case("FourierFTLinear attributes", lambda lib, tmp: _fft_layer(lib, tmp, "fourierft")),

@@ -227,6 +227,16 @@ class PeftModel(nn.Module):
             for p, flag in grads:
                 p.requires_grad_(flag)
 
+    def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        """Generate with the adapted model (arguments as the base model's ``generate``; every task class has it, as in PEFT).
+
+        Args:
+            adapter_names: Optional adapter per sample (``"__base__"`` for none), to serve many adapters in
+                one batch.
+        """
+        with self.base_model.mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
     # ------------------------------------------------------------------ training helpers
     def _enable_input_grads(self) -> None:
         base = self.get_base_model()
@@ -439,16 +449,6 @@ class PeftModelForCausalLM(PeftModel):
     """Causal language modelling, with ``generate``."""
 
     forward = delegating_forward("labels")
-
-    def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
-        """Generate with the adapted model (arguments as the base model's ``generate``).
-
-        Args:
-            adapter_names: Optional adapter per sample (``"__base__"`` for none), to serve many adapters in
-                one batch.
-        """
-        with self.base_model.mixed_batch(adapter_names):
-            return self.get_base_model().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
