@@ -166,9 +166,12 @@ class _BOFTLayer(AdapterLayer):
     def rotation_blocks(self, adapter_name: str, dropout: bool = False) -> torch.Tensor:
         """Orthogonal blocks ``Q = cayley(R)`` (float32 or wider), with multiplicative dropout if asked.
 
-        Without autograd (inference) ``Q`` is cached until ``R`` changes (its version counter moves)."""
+        Without autograd (inference) ``Q`` is cached until ``R`` changes (its version counter moves). Not
+        under ``torch.compile``: comparing data pointers breaks the graph, and a recomputed cache entry is a
+        new tensor the compiled graph was specialised on (a recompilation after every weight reload or
+        hot-swap); there ``cayley`` is part of the graph instead."""
         R = self.boft_R[adapter_name]
-        if torch.is_grad_enabled() and R.requires_grad or R.device.type == "meta":
+        if torch.is_grad_enabled() and R.requires_grad or R.device.type == "meta" or torch.compiler.is_compiling():
             q = butterfly.cayley(R)
         else:
             stamp = (R.data_ptr(), R._version, R.device, R.dtype)

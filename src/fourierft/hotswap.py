@@ -1,0 +1,398 @@
+r"""Hot-swapping: replace an adapter's weights in place, so a ``torch.compile``'d model never recompiles.
+
+:func:`hotswap_adapter` copies a new adapter's tensors into the existing parameters (``copy_`` under
+``no_grad``): no parameter, buffer or module is created or replaced, no Python attribute a compiled graph
+guards on changes, so the compiled graph keeps running, now with the new weights. Everything is validated
+before the first copy: a swap that cannot be done raises :class:`HotswapError` and leaves the model as it
+was.
+
+What can be swapped in, per layer (the model's adapter defines the geometry):
+
+* **FourierFT**: the new adapter's frequency positions must be the first ``n'`` of the model's ``n``
+  (``n' <= n``). Positions are ``randperm(d_out * d_in, seed)[:n]``, and the first ``n'`` entries of one
+  seeded permutation do not depend on how many are kept: an adapter with ``n'`` coefficients *is* the
+  adapter with ``n`` coefficients whose last ``n - n'`` are zero (same seed, same shape). So a smaller
+  adapter is zero-padded; the check is done on the positions themselves, so it covers ``frequency_band``
+  too. A different ``scaling`` is folded into the coefficients (``dW`` is linear in ``c``:
+  ``a' Re(ifft2(S(c))) = a Re(ifft2(S(c a'/a)))``), because the layer's scaling is a Python float the
+  compiled graph is specialised on: changing it would recompile.
+* **BOFT**: the same blocks (``N`` blocks of size ``b``) and at most as many butterfly factors ``m' <= m``.
+  Missing factors are filled with ``R = 0``, the identity rotation: factor ``i``'s permutation depends only on
+  ``(n, N, b, i)``, never on ``m``, so ``B_{m-1} \cdots B_{m'} B_{m'-1} \cdots B_0`` with identity ``B``'s
+  above ``m'`` is the ``m'``-factor rotation.
+* **Targets**: the new adapter may target a subset of the model's adapter layers (the others become the
+  identity: FourierFT ``c = 0``, BOFT ``R = 0, s = 1``), never a layer the model's adapter does not have.
+
+:func:`prepare_model_for_hotswap` makes room before compiling: it pads the model's adapter to a larger
+``n_frequency`` or ``boft_n_butterfly_factor`` without changing its outputs, so that every adapter up to
+that size can later be swapped in.
+
+The model's ``peft_config`` entry is not changed by a swap: it still describes the tensors (the padded
+geometry and the model's scaling), so saving after a swap writes an adapter that reproduces the swapped-in
+outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import PeftConfig
+from .layer import AdapterLayer
+from .methods.boft import BOFTConfig, _BOFTLayer
+from .methods.fourierft import FourierFTConfig, FourierFTLinear, frequency_positions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HotswapError", "hotswap_adapter", "prepare_model_for_hotswap"]
+
+
+class HotswapError(ValueError):
+    """The new adapter cannot be swapped into the model's adapter (the model is left unchanged)."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # a torch.compile wrapper shares the module and its tensors
+
+
+def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, str, AdapterLayer]]:
+    """``(root-relative path, file-key path, layer)`` of every adapter layer holding ``adapter_name``."""
+    root, prefix = ckpt._tuner_root(model)
+    return [(path, prefix + path, m) for path, m in root.named_modules()
+            if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names()]
+
+
+def _model_config(model: nn.Module, adapter_name: str) -> PeftConfig:
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise HotswapError(f"The model has no adapter {adapter_name!r} to swap into (it holds {sorted(configs)})")
+    return configs[adapter_name]
+
+
+def _read(path_or_state_dict, config: Optional[PeftConfig], **kwargs) -> tuple[dict, Optional[PeftConfig], dict]:
+    """``(tensors, config or None, metadata)`` from a PEFT adapter folder / Hub id, or a state dict."""
+    if isinstance(path_or_state_dict, Mapping):
+        return dict(path_or_state_dict), config, {}
+    if not isinstance(path_or_state_dict, (str, os.PathLike)):
+        raise TypeError("path_or_state_dict must be an adapter folder, a Hub id or a dict of tensors, got "
+                        f"{type(path_or_state_dict).__name__}")
+    from .io import load_config, load_weights_file
+
+    path = os.fspath(path_or_state_dict)
+    config = load_config(path, config, **kwargs)
+    tensors, metadata = load_weights_file(path, **kwargs)
+    return tensors, config, metadata
+
+
+def _check_configs(mine: PeftConfig, new: Optional[PeftConfig]) -> None:
+    if new is None:
+        return
+    if new.peft_type != mine.peft_type:
+        raise HotswapError(f"Cannot swap a {new.peft_type} adapter into a {mine.peft_type} adapter")
+    if new.bias != mine.bias:
+        raise HotswapError(f"bias differs: the model's adapter has bias={mine.bias!r}, the new one {new.bias!r}")
+
+
+# ---------------------------------------------------------------------------------------------- per method
+def _fourierft_values(layer: FourierFTLinear, name: str, path: str, new: Optional[dict],
+                      config: Optional[FourierFTConfig]) -> dict[str, torch.Tensor]:
+    """The model-shaped spectrum holding the new adapter (zero-padded, scaling folded in)."""
+    current = layer.fourierft_spectrum[name]
+    n = current.shape[0]
+    if new is None:
+        return {"fourierft_spectrum": torch.zeros_like(current)}
+    c = new["fourierft_spectrum"]
+    if c.dim() != 1:
+        raise HotswapError(f"{path}: fourierft_spectrum must be 1-D, got shape {tuple(c.shape)}")
+    d_out, d_in, _, seed, band = layer.fourierft_plan_key[name]
+    scaling = layer.fourierft_scaling[name]
+    n_new, new_seed, new_band, new_scaling = c.shape[0], seed, band, scaling
+    if config is not None:
+        new_seed, new_scaling = config.random_loc_seed, float(config.scaling)
+        new_band = tuple(config.frequency_band) if config.frequency_band is not None else None
+        if config.n_frequency_for(path) != n_new:
+            raise HotswapError(f"{path}: the new adapter's config gives n_frequency={config.n_frequency_for(path)} "
+                               f"but its fourierft_spectrum holds {n_new} coefficients")
+    if n_new > n:
+        raise HotswapError(
+            f"{path}: the new adapter has n_frequency={n_new}, the model's adapter {name!r} only {n}; call "
+            f"prepare_model_for_hotswap(model, target_n_frequency={n_new}) before compiling"
+        )
+    ours = frequency_positions(layer.fourierft_plan_key[name])
+    theirs = frequency_positions((d_out, d_in, n_new, new_seed, new_band))
+    if not torch.equal(ours[:, :n_new], theirs):
+        raise HotswapError(
+            f"{path}: the new adapter's frequency positions (random_loc_seed={new_seed}, frequency_band="
+            f"{new_band}) are not the model's (random_loc_seed={seed}, frequency_band={band}); FourierFT "
+            f"adapters can only be swapped when one's positions are a prefix of the other's"
+        )
+    if scaling == 0 and new_scaling != 0:
+        raise HotswapError(f"{path}: the model's adapter has scaling=0, which no coefficients can rescale to "
+                           f"scaling={new_scaling}")
+    value = torch.zeros(n, dtype=torch.float64)
+    ratio = 1.0 if new_scaling == scaling else new_scaling / scaling
+    value[:n_new] = c.detach().to(torch.float64) * ratio
+    return {"fourierft_spectrum": value}
+
+
+def _boft_values(layer: _BOFTLayer, name: str, path: str, new: Optional[dict],
+                 config: Optional[BOFTConfig]) -> dict[str, torch.Tensor]:
+    """The model-shaped ``boft_R`` (extra factors = identity) and ``boft_s`` holding the new adapter."""
+    R, s = layer.boft_R[name], layer.boft_s[name]
+    if new is None:
+        return {"boft_R": torch.zeros_like(R), "boft_s": torch.ones_like(s)}
+    new_R, new_s = new["boft_R"], new["boft_s"]
+    m, num, size, _ = R.shape
+    if new_R.dim() != 4 or tuple(new_R.shape[1:]) != (num, size, size):
+        raise HotswapError(
+            f"{path}: the new boft_R has shape {tuple(new_R.shape)}, the model's adapter {name!r} has blocks "
+            f"(m, N, b, b) = {tuple(R.shape)}; BOFT adapters can only be swapped with the same blocks (N={num}, b={size})"
+        )
+    if new_R.shape[0] > m:
+        raise HotswapError(
+            f"{path}: the new adapter has {new_R.shape[0]} butterfly factors, the model's adapter {name!r} only "
+            f"{m}; call prepare_model_for_hotswap(model, target_n_butterfly_factor={new_R.shape[0]}) before compiling"
+        )
+    if tuple(new_s.shape) != tuple(s.shape):
+        raise HotswapError(f"{path}: the new boft_s has shape {tuple(new_s.shape)}, the model expects {tuple(s.shape)}")
+    padded = torch.zeros(R.shape, dtype=new_R.dtype)
+    padded[: new_R.shape[0]] = new_R.detach()
+    return {"boft_R": padded, "boft_s": new_s.detach()}
+
+
+_RULES = ((FourierFTLinear, _fourierft_values), (_BOFTLayer, _boft_values))
+
+
+def _layer_values(layer: AdapterLayer, name: str, path: str, new: Optional[dict], config) -> dict:
+    for cls, rule in _RULES:
+        if isinstance(layer, cls):
+            return rule(layer, name, path, new, config)
+    params = dict(layer.adapter_parameters(name))  # another method: same shapes only, no identity fill
+    if new is None:
+        raise HotswapError(f"{path}: the new adapter has no tensors for this {type(layer).__name__} layer")
+    for attr, value in new.items():
+        if tuple(value.shape) != tuple(params[attr].shape):
+            raise HotswapError(f"{path}.{attr}: shape {tuple(value.shape)}, the model expects {tuple(params[attr].shape)}")
+    return new
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[PeftConfig],
+          metadata: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every ``(existing tensor, new value)`` copy of the swap, after checking all of them."""
+    mine = _model_config(model, adapter_name)
+    _check_configs(mine, config)
+    layers = _layers(model, adapter_name)
+    merged = [p for p, _, layer in layers if adapter_name in layer.merged_adapters]
+    if merged:
+        raise HotswapError(f"Adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before hot-swapping")
+    _, prefix = ckpt._tuner_root(model)
+    sd = ckpt._normalise_prefix(tensors, prefix)
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
+    if bad:
+        raise HotswapError(f"These entries are not floating-point tensors: {bad[:5]}")
+    used: set[str] = set()
+    layer_keys: set[str] = set()
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    identity: list[str] = []
+    for path, full, layer in layers:
+        attrs = [attr for attr, _ in layer.adapter_parameters(adapter_name)]
+        keys = {attr: f"{full}.{attr}" for attr in attrs}
+        present = {attr: sd[k] for attr, k in keys.items() if k in sd}
+        if present and len(present) != len(attrs):
+            missing = sorted(set(attrs) - set(present))
+            raise HotswapError(f"{path}: the new adapter has {sorted(present)} but not {missing}")
+        used.update(keys[a] for a in present)
+        layer_keys.update(keys.values())
+        if not present:
+            identity.append(path)
+        values = _layer_values(layer, adapter_name, path, present or None, config)
+        params = dict(layer.adapter_parameters(adapter_name))
+        plan.extend((params[attr], values[attr]) for attr in attrs)
+    plan.extend(_other_tensors(model, adapter_name, sd, layer_keys, used))
+    unexpected = sorted(k for k in sd if k not in used and not k.endswith(ckpt.LEGACY_IGNORED_SUFFIXES))
+    if unexpected:
+        raise HotswapError(
+            f"The new adapter has tensors the model's adapter {adapter_name!r} has no place for (different "
+            f"targets or another model): {unexpected[:10]}" + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        )
+    if len(identity) == len(layers):
+        raise HotswapError(f"The new adapter targets none of adapter {adapter_name!r}'s layers")
+    if identity:
+        logger.info("Hot-swap: the new adapter does not target %d layer(s) (%s, ...); they become the identity",
+                    len(identity), identity[0])
+    _check_fingerprint(model, adapter_name, metadata, sd, identity)
+    return plan
+
+
+def _other_tensors(model: nn.Module, adapter_name: str, sd: dict, layer_keys: set[str], used: set[str]) -> list:
+    """Copies for the adapter's ``modules_to_save`` and trained biases; each must be in the new adapter."""
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    out, missing = [], []
+    for file_key, (model_key, _) in ckpt.adapter_key_map(model, adapter_name).items():
+        if file_key in layer_keys:
+            continue
+        if file_key not in sd:
+            missing.append(file_key)
+            continue
+        current = targets[model_key]
+        if tuple(sd[file_key].shape) != tuple(current.shape):
+            raise HotswapError(f"{file_key}: shape {tuple(sd[file_key].shape)}, the model expects {tuple(current.shape)}")
+        used.add(file_key)
+        out.append((current, sd[file_key]))
+    if missing:
+        raise HotswapError(f"The new adapter lacks the adapter's modules_to_save / bias tensors {missing[:10]}")
+    return out
+
+
+def _check_fingerprint(model: nn.Module, adapter_name: str, metadata: dict, sd: dict, identity: list) -> None:
+    """A file's derived-tensor fingerprint is comparable only when it has the model's exact geometry."""
+    expected = metadata.get(ckpt.FINGERPRINT_KEY)
+    if expected is None or identity:
+        return
+    params = dict(model.named_parameters())
+    mapping = ckpt.adapter_key_map(model, adapter_name)
+    same = all(tuple(sd[k].shape) == tuple(params[mk].shape) for k, (mk, _) in mapping.items() if k in sd and mk in params)
+    if same and expected != ckpt.derived_fingerprint(model, adapter_name):
+        raise HotswapError("The adapter file's frequency/permutation fingerprint differs from the positions the "
+                           "model uses: it was saved with other positions (seed, torch version)")
+
+
+# ---------------------------------------------------------------------------------------------- public
+def hotswap_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+                    adapter_name: str = "default", *, config: Optional[PeftConfig] = None, **kwargs) -> None:
+    """Replace adapter ``adapter_name``'s weights by another adapter's, in place and without recompiling.
+
+    The new values are copied into the existing parameters under ``torch.no_grad()``; no parameter, buffer
+    or attribute a compiled graph depends on is replaced, so a ``torch.compile``'d model keeps its graphs.
+    See the module docstring (:mod:`fourierft.hotswap`) for what geometries can be swapped and why.
+
+    Args:
+        model: A :class:`~fourierft.PeftModel`, a model from :func:`~fourierft.inject_adapter_in_model`, or
+            a ``torch.compile`` wrapper of either.
+        path_or_state_dict: A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` or
+            ``.bin``), a Hub id, or a state dict in PEFT's key format (with or without ``base_model.model.``).
+        adapter_name: The model's adapter to overwrite.
+        config: The new adapter's config. Read from the folder when a path is given; for a state dict
+            without it, the new adapter is taken to share the model adapter's seed, band and scaling.
+        **kwargs: ``subfolder`` and Hub arguments (``revision``, ``token``, ``cache_dir``, ...).
+
+    Raises:
+        HotswapError: The new adapter does not fit (other targets, method, bias, blocks, more frequencies or
+            factors than the model's adapter, other frequency positions), or the adapter is merged. Nothing
+            was changed.
+        CheckpointError, FileNotFoundError: The adapter file cannot be read.
+    """
+    model = _unwrap(model)
+    tensors, new_config, metadata = _read(path_or_state_dict, config, **kwargs)
+    plan = _plan(model, tensors, adapter_name, new_config, metadata)
+    broken = [i for i, (_, v) in enumerate(plan) if not bool(torch.isfinite(v).all())]
+    if broken:
+        logger.warning("The new adapter holds NaN or Inf values; outputs will not be finite")
+    with torch.no_grad():
+        for current, value in plan:
+            current.copy_(value.to(device=current.device, dtype=current.dtype))
+    logger.info("Hot-swapped adapter %r (%d tensors)", adapter_name, len(plan))
+
+
+def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *,
+                              target_n_frequency: Optional[int] = None,
+                              target_n_butterfly_factor: Optional[int] = None) -> None:
+    """Pad adapter ``adapter_name`` so that larger adapters can be hot-swapped in later; call before compiling.
+
+    The outputs do not change: FourierFT gets zero coefficients at the next positions of its seeded
+    permutation (the first ``n`` positions stay where they are), BOFT gets identity factors (``R = 0``)
+    after its own. The adapter's ``peft_config`` entry is replaced by a copy with the padded size, so the
+    model still saves and reloads consistently. Tensors that grow are new ``Parameter`` objects (hence
+    "before compiling", and before building an optimizer); the others are kept.
+
+    Args:
+        model: A :class:`~fourierft.PeftModel` or injected model (not a ``torch.compile`` wrapper).
+        adapter_name: The adapter to pad.
+        target_n_frequency: FourierFT: every layer's ``n_frequency`` becomes this (``>=`` its current one).
+        target_n_butterfly_factor: BOFT: every layer's number of butterfly factors becomes this (``>=`` its
+            current one; the block geometry must allow it: ``b`` even, ``N`` divisible by ``2**(m-1)``).
+
+    Raises:
+        HotswapError: Compiled model, merged adapter, a target smaller than a layer's current size, or a
+            target the layer geometry does not allow. Nothing was changed.
+    """
+    if hasattr(model, "_orig_mod"):
+        raise HotswapError("Call prepare_model_for_hotswap before torch.compile (it replaces parameters)")
+    config = _model_config(model, adapter_name)
+    new_config = copy.deepcopy(config)
+    if isinstance(config, FourierFTConfig) and target_n_frequency is not None:
+        new_config.n_frequency, new_config.n_frequency_pattern = target_n_frequency, {}
+    elif isinstance(config, BOFTConfig) and target_n_butterfly_factor is not None:
+        new_config.boft_n_butterfly_factor = target_n_butterfly_factor
+    else:
+        raise HotswapError(f"Adapter {adapter_name!r} is {config.peft_type}: give target_n_frequency (FourierFT) or "
+                           "target_n_butterfly_factor (BOFT)")
+    layers = _layers(model, adapter_name)
+    for path, _, layer in layers:  # validate everything first
+        _check_padding(layer, adapter_name, path, new_config)
+    for path, _, layer in layers:
+        _pad_layer(layer, adapter_name, path, new_config)
+    model.peft_config[adapter_name] = new_config
+    logger.info("Padded adapter %r for hot-swapping (%d layers)", adapter_name, len(layers))
+
+
+def _check_padding(layer: AdapterLayer, name: str, path: str, config) -> None:
+    if name in layer.merged_adapters:
+        raise HotswapError(f"Adapter {name!r} is merged into {path}; unmerge it first")
+    if isinstance(layer, FourierFTLinear):
+        n, target = layer.fourierft_n_frequency[name], config.n_frequency
+        if not isinstance(target, int) or isinstance(target, bool) or target < n:
+            raise HotswapError(f"{path}: target_n_frequency={target!r} must be an int >= its n_frequency {n}")
+        d_out, d_in, _, seed, band = layer.fourierft_plan_key[name]
+        if target > d_out * d_in:
+            raise HotswapError(f"{path}: target_n_frequency={target} exceeds the layer's {d_out}x{d_in} entries")
+        if not torch.equal(frequency_positions((d_out, d_in, target, seed, band))[:, :n],
+                           frequency_positions(layer.fourierft_plan_key[name])):
+            raise HotswapError(f"{path}: these frequency positions are not nested (frequency_band={band}); "
+                               "the adapter cannot be padded")
+    elif isinstance(layer, _BOFTLayer):
+        m, target = layer.boft_n_butterfly_factor[name], config.boft_n_butterfly_factor
+        if not isinstance(target, int) or isinstance(target, bool) or target < m:
+            raise HotswapError(f"{path}: target_n_butterfly_factor={target!r} must be an int >= its {m} factors")
+        _, num, size, _ = layer.boft_R[name].shape
+        try:
+            layer.check_target(layer, _same_blocks(config, size), path)
+        except ValueError as err:
+            raise HotswapError(f"{path}: cannot use {target} butterfly factors with {num} blocks of size {size}: {err}") from err
+    else:
+        raise HotswapError(f"{path}: {type(layer).__name__} layers cannot be padded for hot-swapping")
+
+
+def _same_blocks(config: BOFTConfig, size: int) -> BOFTConfig:
+    """The config with the layer's block size (the model's config may give a block number instead)."""
+    config = copy.copy(config)
+    config.boft_block_size, config.boft_block_num = size, 0
+    return config
+
+
+def _pad_layer(layer: AdapterLayer, name: str, path: str, config) -> None:
+    """Rebuild the adapter at the padded size through the method's own ``update_layer`` (so every derived
+    field follows), then put the old values back in the leading slice of each tensor."""
+    old = dict(layer.adapter_parameters(name))
+    if isinstance(layer, _BOFTLayer):
+        config = _same_blocks(config, old["boft_R"].shape[2])
+    with torch.random.fork_rng(devices=[]):  # update_layer draws initial values: keep the user's RNG stream
+        layer.update_layer(name, config, key=path)
+    for attr, current in old.items():
+        store, fresh = getattr(layer, attr), getattr(layer, attr)[name]
+        if fresh.shape == current.shape:
+            store[name] = current
+            continue
+        padded = torch.zeros(fresh.shape, dtype=current.dtype, device=current.device)
+        padded[tuple(slice(0, k) for k in current.shape)] = current.detach()
+        store[name] = nn.Parameter(padded, requires_grad=current.requires_grad)
+    layer.to(next(iter(old.values())).device)  # builds the new geometry's index plans now, not in a compiled trace
