@@ -23,6 +23,7 @@ from .checkpoint import (
     set_peft_model_state_dict,
 )
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
+from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .integrations.optim import adapter_param_groups
 from .methods import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTLinear, FourierFTModel
@@ -58,6 +59,7 @@ __all__ = [
     "FourierFTConfig",
     "FourierFTLinear",
     "FourierFTModel",
+    "HotswapError",
     "ModulesToSaveWrapper",
     "NoMatchingPeftModuleError",
     "PeftConfig",
@@ -76,7 +78,9 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "inject_adapter_in_model",
+    "prepare_model_for_hotswap",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -44,6 +44,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import PeftConfig
+from .io import load_config, load_weights_file
 from .layer import AdapterLayer
 from .methods.boft import BOFTConfig, _BOFTLayer
 from .methods.fourierft import FourierFTConfig, FourierFTLinear, frequency_positions
@@ -83,8 +84,6 @@ def _read(path_or_state_dict, config: Optional[PeftConfig], **kwargs) -> tuple[d
     if not isinstance(path_or_state_dict, (str, os.PathLike)):
         raise TypeError("path_or_state_dict must be an adapter folder, a Hub id or a dict of tensors, got "
                         f"{type(path_or_state_dict).__name__}")
-    from .io import load_config, load_weights_file
-
     path = os.fspath(path_or_state_dict)
     config = load_config(path, config, **kwargs)
     tensors, metadata = load_weights_file(path, **kwargs)

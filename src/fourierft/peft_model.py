@@ -18,6 +18,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import PeftConfig, PeftType
+from .hotswap import hotswap_adapter as _hotswap_adapter
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .methods import MODEL_CLASSES
 from .tuner import AdapterModel, check_adapter_name
@@ -195,6 +196,11 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter (see :meth:`fourierft.tuner.AdapterModel.delete_adapter`)."""
         self.base_model.delete_adapter(adapter_name)
+
+    def hotswap_adapter(self, model_id, adapter_name: str = "default", **kwargs: Any) -> None:
+        """Replace adapter ``adapter_name``'s weights in place by those of ``model_id`` (a folder, Hub id or
+        state dict), without recompiling a ``torch.compile``'d model: see :func:`fourierft.hotswap_adapter`."""
+        _hotswap_adapter(self, model_id, adapter_name, **kwargs)
 
     def _adapter_params(self) -> Iterator[nn.Parameter]:
         return self.base_model.adapter_tensors()
