@@ -38,6 +38,8 @@ from .peft_model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .functional import load_peft_weights, prepare_model_for_kbit_training
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import NoMatchingPeftModuleError, PeftError
 
 __all__ = [
@@ -73,15 +75,21 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "adapter_param_groups",
     "get_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
     "inject_adapter_in_model",
+    "load_peft_weights",
     "prepare_model_for_hotswap",
     "set_base_model_state_dict",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]
 

@@ -21,6 +21,7 @@ from .config import PeftConfig, PeftType
 from .hotswap import hotswap_adapter as _hotswap_adapter
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .methods import MODEL_CLASSES
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel, check_adapter_name
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,14 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter (see :meth:`fourierft.tuner.AdapterModel.delete_adapter`)."""
         self.base_model.delete_adapter(adapter_name)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """Each adapter layer's status (PEFT's dataclass): see :func:`fourierft.get_layer_status`."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The model's adapter status (PEFT's dataclass): see :func:`fourierft.get_model_status`."""
+        return get_model_status(self)
 
     def hotswap_adapter(self, model_id, adapter_name: str = "default", **kwargs: Any) -> None:
         """Replace adapter ``adapter_name``'s weights in place by those of ``model_id`` (a folder, Hub id or
