@@ -90,11 +90,15 @@ def _read(path_or_state_dict, config: Optional[PeftConfig], **kwargs) -> tuple[d
     return tensors, config, metadata
 
 
+def _type_name(config: PeftConfig) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 def _check_configs(mine: PeftConfig, new: Optional[PeftConfig]) -> None:
     if new is None:
         return
     if new.peft_type != mine.peft_type:
-        raise HotswapError(f"Cannot swap a {new.peft_type} adapter into a {mine.peft_type} adapter")
+        raise HotswapError(f"Cannot swap a {_type_name(new)} adapter into a {_type_name(mine)} adapter")
     if new.bias != mine.bias:
         raise HotswapError(f"bias differs: the model's adapter has bias={mine.bias!r}, the new one {new.bias!r}")
 
@@ -333,7 +337,7 @@ def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *
     elif isinstance(config, BOFTConfig) and target_n_butterfly_factor is not None:
         new_config.boft_n_butterfly_factor = target_n_butterfly_factor
     else:
-        raise HotswapError(f"Adapter {adapter_name!r} is {config.peft_type}: give target_n_frequency (FourierFT) or "
+        raise HotswapError(f"Adapter {adapter_name!r} is {_type_name(config)}: give target_n_frequency (FourierFT) or "
                            "target_n_butterfly_factor (BOFT)")
     layers = _layers(model, adapter_name)
     for path, _, layer in layers:  # validate everything first

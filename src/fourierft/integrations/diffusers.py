@@ -51,6 +51,10 @@ __all__ = ["add_adapter", "delete_adapter", "load_adapter", "load_pipeline_adapt
            "save_adapter", "save_pipeline_adapters"]
 
 
+def _type_name(config: PeftConfig) -> str:
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
 def _configs(model: nn.Module) -> dict:
     return dict(getattr(model, "peft_config", None) or {})
 
@@ -77,9 +81,10 @@ def add_adapter(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "
     existing = _configs(model)
     if adapter_name in existing:
         raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
-    if existing and next(iter(existing.values())).peft_type != peft_config.peft_type:
-        raise ValueError(f"Cannot add a {peft_config.peft_type} adapter to a model holding "
-                         f"{next(iter(existing.values())).peft_type} adapters")
+    theirs = next(iter(existing.values())).peft_type if existing else peft_config.peft_type
+    if theirs != peft_config.peft_type:
+        raise ValueError(f"Cannot add a {_type_name(peft_config)} adapter to a model holding "
+                         f"{getattr(theirs, 'value', theirs)} adapters")
     _tuner_class(peft_config)(model, {adapter_name: peft_config}, adapter_name)  # all-or-nothing injection
     model.peft_config = {**existing, adapter_name: peft_config}
     return model
