@@ -14,7 +14,8 @@ pytest.importorskip("diffusers")
 
 from fourierft import BOFTConfig, CheckpointError, FourierFTConfig  # noqa: E402
 from fourierft.integrations.diffusers import (add_adapter, delete_adapter, load_adapter,  # noqa: E402
-                                              load_pipeline_adapters, pipeline_components, save_adapter,
+                                              load_pipeline_adapters, merge_and_unload, pipeline_components,
+                                              save_adapter,
                                               save_pipeline_adapters)
 from fourierft.layer import AdapterLayer  # noqa: E402
 
@@ -156,3 +157,17 @@ def test_example_trains_saves_and_reloads_identically(example, tmp_path):
     assert result["identical"] == {"text_embeddings": True, "unet": True, "image": True}
     assert min(result["changed_by_training"].values()) > 0  # the adapters did change the outputs
     assert result["saved"] == result["loaded"] == ["text_encoder", "unet"]
+
+
+def test_merge_and_unload_gives_a_plain_unet_diffusers_saves(pipe, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = copy.deepcopy(pipe.unet)
+    add_adapter(unet, BOFTConfig(target_modules=ATTENTION + ["conv1", "conv2"], boft_block_size=4))
+    perturb(unet)
+    tuned = unet_out(unet)
+    assert merge_and_unload(unet) is unet and not adapter_layers(unet) and unet.peft_config == {}
+    torch.testing.assert_close(unet_out(unet), tuned, rtol=1e-4, atol=1e-5)
+    unet.save_pretrained(str(tmp_path))
+    again = UNet2DConditionModel.from_pretrained(str(tmp_path))
+    assert torch.equal(unet_out(again), unet_out(unet))

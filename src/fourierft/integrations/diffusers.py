@@ -47,8 +47,8 @@ from ..tuner import get_submodule_parent
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_adapter", "delete_adapter", "load_adapter", "load_pipeline_adapters", "pipeline_components",
-           "save_adapter", "save_pipeline_adapters"]
+__all__ = ["add_adapter", "delete_adapter", "load_adapter", "load_pipeline_adapters", "merge_and_unload",
+           "pipeline_components", "save_adapter", "save_pipeline_adapters"]
 
 
 def _type_name(config: PeftConfig) -> str:
@@ -110,6 +110,38 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     del configs[adapter_name]
     model.peft_config = configs
     logger.info("Deleted adapter %r; active now: %s", adapter_name, remaining)
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = True) -> nn.Module:
+    """Fold adapters into the base weights and put the plain modules back, so that diffusers'
+    ``save_pretrained`` / ``from_pretrained`` handle the component as a normal model.
+
+    Args:
+        model: A component holding adapters.
+        adapter_names: Which adapters to merge (default: each layer's active ones).
+        safe_merge: Check every merged weight is finite (and, for BOFT, invertible) before changing any.
+
+    Returns:
+        ``model``, without adapter layers and with an empty ``peft_config``.
+
+    Raises:
+        ValueError: A merge would give NaN/Inf (with ``safe_merge``; nothing is changed).
+    """
+    layers = [(k, m) for k, m in model.named_modules() if isinstance(m, AdapterLayer)
+              and not isinstance(model.get_submodule(k.rpartition(".")[0]) if "." in k else model, AdapterLayer)]
+    if safe_merge:
+        for _, layer in layers:
+            layer.check_merge(adapter_names)
+    for key, layer in layers:
+        layer.merge(adapter_names=adapter_names)
+        parent, attr = get_submodule_parent(model, key)
+        setattr(parent, attr, layer.get_base_layer())
+    for key, module in list(model.named_modules()):
+        if key and isinstance(module, ModulesToSaveWrapper):
+            parent, attr = get_submodule_parent(model, key)
+            setattr(parent, attr, module._active_module())
+    model.peft_config = {}
+    return model
 
 
 def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default",
