@@ -265,3 +265,20 @@ def test_compiled_model_never_recompiles(base, tmp_path, method, variants, prepa
     assert frames == 1
     for got, expected in pairs:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "boft"])
+def test_modules_to_save_are_swapped_too(base, tmp_path, method):
+    kw = {"target_modules": ["a"], "modules_to_save": ["b"]}
+    model = trained(base, method, 1, **kw)
+    source = trained(base, method, 2, **kw)
+    with torch.no_grad():
+        source.base_model.model.b.modules_to_save["default"].weight.mul_(2.0)
+    path = saved(source, tmp_path, "with_head")
+    model.hotswap_adapter(path)
+    torch.testing.assert_close(out(model), out(reference(base, path)), rtol=1e-5, atol=1e-6)
+    before = snapshot(model)
+    without = {k: v for k, v in get_peft_model_state_dict(source).items() if not k.startswith("base_model.model.b.")}
+    with pytest.raises(HotswapError, match="lacks"):
+        hotswap_adapter(model, without)
+    assert_unchanged(model, before)

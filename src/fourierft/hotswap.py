@@ -198,9 +198,9 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
         raise HotswapError(f"Adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before hot-swapping")
     _, prefix = ckpt._tuner_root(model)
     sd = ckpt._normalise_prefix(tensors, prefix)
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise HotswapError(f"These entries are not floating-point tensors: {bad[:5]}")
+        raise HotswapError(f"These entries are not tensors: {bad[:5]}")
     used: set[str] = set()
     layer_keys: set[str] = set()
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -209,6 +209,9 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
         attrs = [attr for attr, _ in layer.adapter_parameters(adapter_name)]
         keys = {attr: f"{full}.{attr}" for attr in attrs}
         present = {attr: sd[k] for attr, k in keys.items() if k in sd}
+        integer = [keys[a] for a, v in present.items() if not v.is_floating_point()]
+        if integer:
+            raise HotswapError(f"These adapter tensors are not floating-point: {integer}")
         if present and len(present) != len(attrs):
             missing = sorted(set(attrs) - set(present))
             raise HotswapError(f"{path}: the new adapter has {sorted(present)} but not {missing}")
@@ -247,6 +250,8 @@ def _other_tensors(model: nn.Module, adapter_name: str, sd: dict, layer_keys: se
             missing.append(file_key)
             continue
         current = targets[model_key]
+        if sd[file_key].is_floating_point() != current.is_floating_point():
+            raise HotswapError(f"{file_key}: dtype {sd[file_key].dtype}, the model expects {current.dtype}")
         if tuple(sd[file_key].shape) != tuple(current.shape):
             raise HotswapError(f"{file_key}: shape {tuple(sd[file_key].shape)}, the model expects {tuple(current.shape)}")
         used.add(file_key)
