@@ -179,8 +179,12 @@ def test_prepare_refuses_what_it_cannot_do(base):
         prepare_model_for_hotswap(model, target_n_frequency=50)
     assert_unchanged(model, before)
     fourier = trained(base, "fourierft", 1)
+    before = snapshot(fourier)
     with pytest.raises(HotswapError, match=">= its n_frequency"):
         prepare_model_for_hotswap(fourier, target_n_frequency=10)
+    with pytest.raises(HotswapError, match="less than or equal"):  # lin a has 32 x 16 = 512 entries
+        prepare_model_for_hotswap(fourier, target_n_frequency=513)
+    assert_unchanged(fourier, before)
     with pytest.raises(HotswapError, match="before torch.compile"):
         prepare_model_for_hotswap(torch.compile(fourier), target_n_frequency=50)
 

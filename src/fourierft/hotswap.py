@@ -12,8 +12,8 @@ What can be swapped in, per layer (the model's adapter defines the geometry):
   (``n' <= n``). Positions are ``randperm(d_out * d_in, seed)[:n]``, and the first ``n'`` entries of one
   seeded permutation do not depend on how many are kept: an adapter with ``n'`` coefficients *is* the
   adapter with ``n`` coefficients whose last ``n - n'`` are zero (same seed, same shape). So a smaller
-  adapter is zero-padded; the check is done on the positions themselves, so it covers ``frequency_band``
-  too. A different ``scaling`` is folded into the coefficients (``dW`` is linear in ``c``:
+  adapter with the same ``random_loc_seed`` and ``frequency_band`` is zero-padded (the band draw keeps the
+  top ``n`` of one seeded ordering, nested in the same way; the tests check both draws). A different ``scaling`` is folded into the coefficients (``dW`` is linear in ``c``:
   ``a' Re(ifft2(S(c))) = a Re(ifft2(S(c a'/a)))``), because the layer's scaling is a Python float the
   compiled graph is specialised on: changing it would recompile.
 * **BOFT**: the same blocks (``N`` blocks of size ``b``) and at most as many butterfly factors ``m' <= m``.
@@ -47,7 +47,7 @@ from .config import PeftConfig
 from .io import load_config, load_weights_file
 from .layer import AdapterLayer
 from .methods.boft import BOFTConfig, _BOFTLayer
-from .methods.fourierft import FourierFTConfig, FourierFTLinear, frequency_positions
+from .methods.fourierft import FourierFTConfig, FourierFTLinear
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,17 @@ def _check_configs(mine: PeftConfig, new: Optional[PeftConfig]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- per method
+def _band(config: FourierFTConfig):
+    return tuple(config.frequency_band) if config.frequency_band is not None else None
+
+
 def _fourierft_values(layer: FourierFTLinear, name: str, path: str, new: Optional[dict],
-                      config: Optional[FourierFTConfig]) -> dict[str, torch.Tensor]:
-    """The model-shaped spectrum holding the new adapter (zero-padded, scaling folded in)."""
+                      config: Optional[FourierFTConfig], mine: FourierFTConfig) -> dict[str, torch.Tensor]:
+    """The model-shaped spectrum holding the new adapter (zero-padded, scaling folded in).
+
+    Same seed and band means nested positions (the first ``n'`` of the model's ``n``): both draws keep a
+    prefix of one seeded order, which ``tests/test_hotswap.py`` checks against the drawing code; so nothing
+    is redrawn here."""
     current = layer.fourierft_spectrum[name]
     n = current.shape[0]
     if new is None:
@@ -114,27 +122,21 @@ def _fourierft_values(layer: FourierFTLinear, name: str, path: str, new: Optiona
     c = new["fourierft_spectrum"]
     if c.dim() != 1:
         raise HotswapError(f"{path}: fourierft_spectrum must be 1-D, got shape {tuple(c.shape)}")
-    d_out, d_in, _, seed, band = layer.fourierft_plan_key[name]
-    scaling = layer.fourierft_scaling[name]
-    n_new, new_seed, new_band, new_scaling = c.shape[0], seed, band, scaling
-    if config is not None:
-        new_seed, new_scaling = config.random_loc_seed, float(config.scaling)
-        new_band = tuple(config.frequency_band) if config.frequency_band is not None else None
-        if config.n_frequency_for(path) != n_new:
-            raise HotswapError(f"{path}: the new adapter's config gives n_frequency={config.n_frequency_for(path)} "
-                               f"but its fourierft_spectrum holds {n_new} coefficients")
+    config = config or mine
+    n_new, scaling, new_scaling = c.shape[0], float(mine.scaling), float(config.scaling)
+    if config is not mine and config.n_frequency_for(path) != n_new:
+        raise HotswapError(f"{path}: the new adapter's config gives n_frequency={config.n_frequency_for(path)} "
+                           f"but its fourierft_spectrum holds {n_new} coefficients")
     if n_new > n:
         raise HotswapError(
             f"{path}: the new adapter has n_frequency={n_new}, the model's adapter {name!r} only {n}; call "
             f"prepare_model_for_hotswap(model, target_n_frequency={n_new}) before compiling"
         )
-    ours = frequency_positions(layer.fourierft_plan_key[name])
-    theirs = frequency_positions((d_out, d_in, n_new, new_seed, new_band))
-    if not torch.equal(ours[:, :n_new], theirs):
+    if (config.random_loc_seed, _band(config)) != (mine.random_loc_seed, _band(mine)):
         raise HotswapError(
-            f"{path}: the new adapter's frequency positions (random_loc_seed={new_seed}, frequency_band="
-            f"{new_band}) are not the model's (random_loc_seed={seed}, frequency_band={band}); FourierFT "
-            f"adapters can only be swapped when one's positions are a prefix of the other's"
+            f"{path}: the new adapter's frequency positions (random_loc_seed={config.random_loc_seed}, "
+            f"frequency_band={config.frequency_band}) are not the model's (random_loc_seed={mine.random_loc_seed}, "
+            f"frequency_band={mine.frequency_band}); FourierFT adapters swap only with the same seed and band"
         )
     if scaling == 0 and new_scaling != 0:
         raise HotswapError(f"{path}: the model's adapter has scaling=0, which no coefficients can rescale to "
@@ -146,7 +148,7 @@ def _fourierft_values(layer: FourierFTLinear, name: str, path: str, new: Optiona
 
 
 def _boft_values(layer: _BOFTLayer, name: str, path: str, new: Optional[dict],
-                 config: Optional[BOFTConfig]) -> dict[str, torch.Tensor]:
+                 config: Optional[BOFTConfig], mine: BOFTConfig) -> dict[str, torch.Tensor]:
     """The model-shaped ``boft_R`` (extra factors = identity) and ``boft_s`` holding the new adapter."""
     R, s = layer.boft_R[name], layer.boft_s[name]
     if new is None:
@@ -173,10 +175,10 @@ def _boft_values(layer: _BOFTLayer, name: str, path: str, new: Optional[dict],
 _RULES = ((FourierFTLinear, _fourierft_values), (_BOFTLayer, _boft_values))
 
 
-def _layer_values(layer: AdapterLayer, name: str, path: str, new: Optional[dict], config) -> dict:
+def _layer_values(layer: AdapterLayer, name: str, path: str, new: Optional[dict], config, mine) -> dict:
     for cls, rule in _RULES:
         if isinstance(layer, cls):
-            return rule(layer, name, path, new, config)
+            return rule(layer, name, path, new, config, mine)
     params = dict(layer.adapter_parameters(name))  # another method: same shapes only, no identity fill
     if new is None:
         raise HotswapError(f"{path}: the new adapter has no tensors for this {type(layer).__name__} layer")
@@ -219,7 +221,7 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
         layer_keys.update(keys.values())
         if not present:
             identity.append(path)
-        values = _layer_values(layer, adapter_name, path, present or None, config)
+        values = _layer_values(layer, adapter_name, path, present or None, config, mine)
         params = dict(layer.adapter_parameters(adapter_name))
         plan.extend((params[attr], values[attr]) for attr in attrs)
     plan.extend(_other_tensors(model, adapter_name, sd, layer_keys, used))
@@ -356,19 +358,16 @@ def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *
 def _check_padding(layer: AdapterLayer, name: str, path: str, config) -> None:
     if name in layer.merged_adapters:
         raise HotswapError(f"Adapter {name!r} is merged into {path}; unmerge it first")
-    if isinstance(layer, FourierFTLinear):
-        n, target = layer.fourierft_n_frequency[name], config.n_frequency
+    if isinstance(layer, FourierFTLinear):  # the positions stay nested: see _fourierft_values
+        n, target = layer.fourierft_spectrum[name].shape[0], config.n_frequency
         if not isinstance(target, int) or isinstance(target, bool) or target < n:
             raise HotswapError(f"{path}: target_n_frequency={target!r} must be an int >= its n_frequency {n}")
-        d_out, d_in, _, seed, band = layer.fourierft_plan_key[name]
-        if target > d_out * d_in:
-            raise HotswapError(f"{path}: target_n_frequency={target} exceeds the layer's {d_out}x{d_in} entries")
-        if not torch.equal(frequency_positions((d_out, d_in, target, seed, band))[:, :n],
-                           frequency_positions(layer.fourierft_plan_key[name])):
-            raise HotswapError(f"{path}: these frequency positions are not nested (frequency_band={band}); "
-                               "the adapter cannot be padded")
+        try:
+            layer.check_target(layer, config, path)
+        except ValueError as err:
+            raise HotswapError(f"{path}: {err}") from err
     elif isinstance(layer, _BOFTLayer):
-        m, target = layer.boft_n_butterfly_factor[name], config.boft_n_butterfly_factor
+        m, target = layer.boft_R[name].shape[0], config.boft_n_butterfly_factor
         if not isinstance(target, int) or isinstance(target, bool) or target < m:
             raise HotswapError(f"{path}: target_n_butterfly_factor={target!r} must be an int >= its {m} factors")
         _, num, size, _ = layer.boft_R[name].shape
