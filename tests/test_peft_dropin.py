@@ -271,3 +271,24 @@ def test_boft_dropout_drops_blocks_when_p_times_blocks_is_below_one():
         ref = theirs.eval()(x)
         theirs.train()
         assert all(torch.allclose(theirs(x), ref, atol=1e-5) for _ in range(20))  # PEFT's bug: nothing dropped
+
+
+def test_disable_adapter_layers_freezes_adapters_like_peft_and_enable_restores(tmp_dir):
+    seen = {}
+    for lib in (peft, fourierft):
+        torch.manual_seed(0)
+        d = os.path.join(tmp_dir, lib.__name__)
+        lib.get_peft_model(MLP(), _fft(lib)).save_pretrained(d)
+        model = lib.PeftModel.from_pretrained(MLP(), d, is_trainable=True)
+        model.load_adapter(d, "frozen")
+        model.base_model.set_adapter(["default", "frozen"])
+        model.set_requires_grad("frozen", requires_grad=False)
+        before = _trainable(model)
+        model.disable_adapter_layers()
+        disabled = _trainable(model)
+        model.enable_adapter_layers()
+        seen[lib.__name__] = (before, disabled, _trainable(model))
+    assert seen["fourierft"][1] == seen["peft"][1] == {"default": False, "frozen": False}
+    assert seen["fourierft"][2]["default"] and seen["peft"][2]["default"]
+    assert seen["fourierft"][2] == seen["fourierft"][0] == {"default": True, "frozen": False}  # as it was
+    assert seen["peft"][2] == {"default": True, "frozen": True}  # PEFT makes the frozen adapter trainable

@@ -485,6 +485,16 @@ class AdapterModel(nn.Module):
         return states.pop() if len(states) == 1 else ("irregular" if states else True)
 
     def _set_enabled(self, enabled: bool) -> None:
+        # PEFT freezes the tensors of disabled adapters; enabling puts back each flag as it was (PEFT makes
+        # every active adapter trainable again, including one loaded with is_trainable=False)
+        if not enabled and self.adapter_layers_enabled() is not False:
+            self._grads_before_disable = [(p, p.requires_grad) for p in self.adapter_tensors()]
+            for p, _ in self._grads_before_disable:
+                p.requires_grad_(False)
+        elif enabled:
+            for p, flag in getattr(self, "_grads_before_disable", None) or ():
+                p.requires_grad_(flag)
+            self._grads_before_disable = None
         for _, layer in self.adapter_layers():
             layer.enable_adapters(enabled)
         for w in self._wrappers():
