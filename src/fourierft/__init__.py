@@ -26,7 +26,8 @@ from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .integrations.optim import adapter_param_groups
-from .methods import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTLinear, FourierFTModel
+from .methods import (BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTConv2d,
+                      FourierFTEmbedding, FourierFTLinear, FourierFTModel)
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -59,6 +60,8 @@ __all__ = [
     "BOFTModel",
     "CheckpointError",
     "FourierFTConfig",
+    "FourierFTConv2d",
+    "FourierFTEmbedding",
     "FourierFTLinear",
     "FourierFTModel",
     "HotswapError",

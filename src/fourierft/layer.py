@@ -24,6 +24,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import quantized
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,6 +45,8 @@ class AdapterLayer(nn.Module):
         self._disable_adapters = False
         #: Per-sample adapter names during a mixed-adapter batch (set by the tuner, else ``None``).
         self.sample_adapters: Optional[list[str]] = None
+        #: Quantized base weights replaced by a merge, by adapter name (unmerging puts them back exactly).
+        self._premerge_weights: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -129,7 +133,7 @@ class AdapterLayer(nn.Module):
 
     def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """Raise ``ValueError`` if merging ``adapter_names`` would give a non-finite weight; changes nothing."""
-        weight = self.get_base_layer().weight.data
+        weight = quantized.dense_weight(self.get_base_layer())
         for name in self._to_merge(adapter_names):
             weight = self.merged_weight(name, weight)
             if not torch.isfinite(weight).all():
@@ -149,8 +153,11 @@ class AdapterLayer(nn.Module):
             self.check_merge(adapter_names)
         base = self.get_base_layer()
         for name in self._to_merge(adapter_names):
-            # contiguous: a transposed result would make the merged model unsavable with safetensors
-            base.weight.data = self.merged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
+            # a quantized base is de-quantized, merged and re-quantized (see fourierft.quantized); a plain
+            # weight is written contiguous: a transposed result would make the merged model unsavable
+            snapshot = quantized.replace_weight(base, self.merged_weight(name, quantized.dense_weight(base)))
+            if snapshot is not None:
+                self._premerge_weights[name] = snapshot
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -165,7 +172,10 @@ class AdapterLayer(nn.Module):
         """Undo the most recent merge."""
         base = self.get_base_layer()
         name = self.merged_adapters[-1]  # popped only once undone: a failed unmerge leaves a consistent state
-        base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
+        if name in self._premerge_weights:
+            quantized.restore_weight(base, self._premerge_weights.pop(name))
+        else:
+            base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
         self.merged_adapters.pop()
 
     # ------------------------------------------------------------------ forward

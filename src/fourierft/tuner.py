@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import quantized
 from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
 from .targets import is_excluded, is_target, layer_coverage, resolve_target_modules
 
@@ -78,6 +79,8 @@ class AdapterModel(nn.Module):
     prefix: ClassVar[str] = ""
     layer_cls: ClassVar[type[AdapterLayer]]
     target_types: ClassVar[tuple[type, ...]] = ()
+    #: The types ``target_modules="all-linear"`` selects (default: ``target_types``).
+    linear_types: ClassVar[tuple[type, ...]] = ()
     default_target_overrides: ClassVar[dict] = {}
 
     def __init__(
@@ -205,7 +208,7 @@ class AdapterModel(nn.Module):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules is None and model_type in self.default_target_overrides:
             config.target_modules = set(self.default_target_overrides[model_type])
-        resolve_target_modules(config, model, self.target_types)
+        resolve_target_modules(config, model, self.linear_types or self.target_types)
 
     def _find_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         found, inside_wrapper = [], ()
@@ -275,6 +278,7 @@ class AdapterModel(nn.Module):
         Raises:
             ValueError: Bad name, duplicate name, no matching module, or a bad per-layer value.
             TypeError: A matched module has a type this method cannot wrap.
+            ImportError: A matched module is a bitsandbytes layer but bitsandbytes cannot be imported.
         """
         self._check_new_adapter(adapter_name, config)
         saved_fields = copy.copy(config.__dict__)
@@ -286,6 +290,7 @@ class AdapterModel(nn.Module):
             targets = self._find_targets(model, config)
             for key, module in targets:  # validate every layer before touching any
                 self._check_existing_layer(key, module, adapter_name)
+                quantized.check_target(module.get_base_layer() if isinstance(module, AdapterLayer) else module, key)
                 self.layer_class_for(module).check_target(module, config, key)
             self.peft_config[adapter_name] = config
             device_ctx = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()

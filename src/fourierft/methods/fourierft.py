@@ -169,10 +169,12 @@ class FourierFTLinear(AdapterLayer):
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
                          "fourierft_plan_key")
+    #: ``(d_in, d_out, is_conv1d)`` of the base layer: the shape of the weight ``dW`` is defined on.
+    layer_shape = staticmethod(_features)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
-        self.in_features, self.out_features, is_conv1d = _features(base_layer)
+        self.in_features, self.out_features, is_conv1d = self.layer_shape(base_layer)
         if config.fan_in_fan_out != is_conv1d:
             warnings.warn(
                 f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is "
@@ -189,7 +191,7 @@ class FourierFTLinear(AdapterLayer):
 
     @classmethod
     def check_target(cls, module: nn.Module, config: FourierFTConfig, key: str) -> None:
-        d_in, d_out, _ = _features(module.get_base_layer() if isinstance(module, AdapterLayer) else module)
+        d_in, d_out, _ = cls.layer_shape(module.get_base_layer() if isinstance(module, AdapterLayer) else module)
         n = config.n_frequency_for(key)
         if n > d_in * d_out:
             raise ValueError(
@@ -326,10 +328,29 @@ class FourierFTLinear(AdapterLayer):
 
 
 class FourierFTModel(AdapterModel):
-    """Injects :class:`FourierFTLinear` layers into a model (PEFT's ``FourierFTModel``)."""
+    """Injects :class:`FourierFTLinear` layers into a model (PEFT's ``FourierFTModel``); ``nn.Conv2d`` and
+    ``nn.Embedding`` get the layers of :mod:`fourierft.methods.fourierft_layers`."""
 
     peft_type = "FOURIERFT"
     prefix = "fourierft_"
     layer_cls = FourierFTLinear
-    target_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+    target_types = linear_types
+    #: Other base-layer types and the adapter layer class for each (filled by :meth:`register_layer`).
+    extra_layer_classes: dict = {}
+
+    @classmethod
+    def register_layer(cls, base_type: type, layer_class: type[AdapterLayer]) -> None:
+        """Let FourierFT wrap ``base_type`` modules with ``layer_class`` (``"all-linear"`` still means linear)."""
+        cls.extra_layer_classes[base_type] = layer_class
+        if base_type not in cls.target_types:
+            cls.target_types = cls.target_types + (base_type,)
+
+    @classmethod
+    def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        for base_type, layer_class in cls.extra_layer_classes.items():
+            if isinstance(base, base_type):
+                return layer_class
+        return FourierFTLinear
     default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}

@@ -1,0 +1,167 @@
+r"""Quantized base layers: bitsandbytes ``Linear8bitLt`` and ``Linear4bit`` (nf4 and fp4, with or without
+double quantization).
+
+Both methods train over such a layer on the activation side, through the base layer's own forward:
+FourierFT adds its spectral change to ``base(x)``, BOFT computes ``s * (base(x M) - b) + b``. Neither needs
+the dense weight while training. Only merging does; this module gives the adapter layers three
+operations on the base weight, whatever its storage:
+
+* :func:`dense_weight`: the weight as a dense float tensor (de-quantized for a bitsandbytes layer);
+* :func:`replace_weight`: store a dense weight (re-quantized with the layer's own settings), returning a
+  snapshot of what was there before;
+* :func:`restore_weight`: put a snapshot back, so that unmerging gives back the quantized weight bit for
+  bit (re-quantizing ``W + dW - dW`` would round a second time).
+
+Re-quantizing rounds: after merging, the layer holds ``Q(W + dW)`` rather than ``W + dW``. The bound
+(measured and stated in ``docs/quantized.md``) is half a quantization step of each block: per row
+``max|W_r| / 254`` for int8, and ``absmax_block * gap / 2`` for 4 bit, where ``gap`` is the largest
+distance between neighbouring code values (nf4: 0.277, fp4: 0.333, in units of the block's absmax).
+
+bitsandbytes is an optional dependency (``pip install fourierft[quantized]``). It is imported only when a
+bitsandbytes layer is met; such a layer is recognised by its class's module name, without importing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: bitsandbytes layer classes (by name; subclasses such as ``LinearNF4`` included) and their kind.
+SUPPORTED = {"Linear8bitLt": "int8", "Linear4bit": "4bit"}
+
+INSTALL_HINT = "pip install fourierft[quantized] (or: pip install --no-deps bitsandbytes)"
+
+
+def is_bitsandbytes_module(module: nn.Module) -> bool:
+    """Whether ``module``'s class comes from bitsandbytes (checked without importing it)."""
+    return any(cls.__module__.split(".")[0] == "bitsandbytes" for cls in type(module).__mro__)
+
+
+def quant_kind(module: nn.Module) -> Optional[str]:
+    """``"int8"`` (``Linear8bitLt``), ``"4bit"`` (``Linear4bit`` and subclasses) or ``None``."""
+    for cls in type(module).__mro__:
+        if cls.__module__.split(".")[0] == "bitsandbytes" and cls.__name__ in SUPPORTED:
+            return SUPPORTED[cls.__name__]
+    return None
+
+
+def import_bitsandbytes(what: str = "a quantized layer"):
+    """bitsandbytes, imported now.
+
+    Raises:
+        ImportError: It is not installed (or fails to import); the message says how to install it.
+    """
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as err:
+        raise ImportError(f"{what} needs bitsandbytes, which cannot be imported ({err}); {INSTALL_HINT}") from err
+
+
+def check_target(module: nn.Module, key: str) -> None:
+    """Raise before anything is changed if ``module`` is a bitsandbytes layer this library cannot adapt.
+
+    Raises:
+        TypeError: A bitsandbytes layer other than ``Linear8bitLt`` or ``Linear4bit``.
+        ImportError: A bitsandbytes layer, but bitsandbytes cannot be imported.
+    """
+    if not is_bitsandbytes_module(module):
+        return
+    if quant_kind(module) is None:
+        raise TypeError(f"Target module {key} is a bitsandbytes {type(module).__name__}, which is not supported; "
+                        f"supported bitsandbytes layers: {', '.join(SUPPORTED)}")
+    import_bitsandbytes(f"Target module {key} ({type(module).__name__})")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is stored quantized (an int8 or packed 4-bit bitsandbytes weight)."""
+    kind = quant_kind(module)
+    if kind == "4bit":
+        return getattr(module.weight, "quant_state", None) is not None
+    return kind == "int8" and module.weight.dtype == torch.int8
+
+
+def _int8_scales(module: nn.Module) -> torch.Tensor:
+    """Row scales ``SCB`` (absmax per output row): on the weight before the first forward, then in the state."""
+    scb = getattr(module.weight, "SCB", None)
+    return scb if scb is not None else module.state.SCB
+
+
+def _unpacked_4bit(weight) -> tuple[torch.Tensor, Any]:
+    """``(data, quant_state)`` in bitsandbytes' canonical layout. On a CPU with AVX512-BF16, an inference
+    forward repacks the weight in place; it is unpacked here on copies, leaving the layer as it is."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
+
+    return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as a dense floating tensor of shape ``(out, in)`` (a plain layer's own ``weight.data``).
+
+    A quantized bitsandbytes weight is de-quantized to a new float32 tensor (int8: ``CB * SCB / 127``;
+    4 bit: bitsandbytes' ``dequantize_4bit``).
+    """
+    if not is_quantized(module):
+        return module.weight.data
+    bnb = import_bitsandbytes()
+    if quant_kind(module) == "int8":
+        return bnb.functional.int8_vectorwise_dequant(module.weight.data, _int8_scales(module).float()).float()
+    data, state = _unpacked_4bit(module.weight)
+    return bnb.functional.dequantize_4bit(data, state).float()
+
+
+def _snapshot(module: nn.Module) -> dict:
+    if quant_kind(module) == "int8":
+        return {"weight": module.weight, "CB": module.state.CB, "SCB": module.state.SCB}
+    return {"weight": module.weight, "quant_state": getattr(module, "quant_state", None)}
+
+
+def restore_weight(module: nn.Module, snapshot: dict) -> None:
+    """Put back the weight :func:`replace_weight` took out (bit-exact undo of a merge)."""
+    module.weight = snapshot["weight"]
+    if "CB" in snapshot:
+        module.state.CB, module.state.SCB = snapshot["CB"], snapshot["SCB"]
+    else:
+        module.quant_state = snapshot["quant_state"]
+
+
+def replace_weight(module: nn.Module, weight: torch.Tensor) -> Optional[dict]:
+    """Store the dense ``weight`` into ``module``; returns a snapshot for :func:`restore_weight`, or
+    ``None`` for a plain weight (written in its own dtype, as before).
+
+    A quantized weight is re-quantized with the layer's settings (int8 row-wise; 4 bit with its
+    ``quant_type``, ``blocksize``, double quantization and storage type), rounding once.
+    """
+    if not is_quantized(module):
+        module.weight.data = weight.to(module.weight.dtype).contiguous()
+        return None
+    bnb = import_bitsandbytes()
+    snapshot = _snapshot(module)
+    old = module.weight
+    if quant_kind(module) == "int8":
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(old.device, torch.float16).contiguous())
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+        module.state.CB = module.state.SCB = None  # filled from the new weight on the next forward
+        return snapshot
+    data, state = _unpacked_4bit(old)
+    new = bnb.nn.Params4bit(
+        weight.to("cpu", state.dtype).contiguous(), requires_grad=False, blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+        module=module,
+    )
+    module.weight = new.to(old.device)  # quantizes
+    return snapshot
+
+
+def requantization_error(module: nn.Module, weight: torch.Tensor) -> float:
+    """``max |dense_weight(module) - weight| / max |weight|``: the rounding a merge left (for logs and tests)."""
+    return float((dense_weight(module) - weight.float()).abs().max() / weight.float().abs().max().clamp_min(1e-30))
