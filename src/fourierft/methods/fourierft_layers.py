@@ -145,6 +145,8 @@ class FourierFTEmbedding(FourierFTLinear):
         """``dW[ids]`` summed over the adapters, shape ``(*ids.shape, embedding_dim)``, float32 or wider."""
         V, D = self.out_features, self.in_features
         flat = ids.reshape(-1)
+        if flat.numel() == 0:
+            return torch.zeros(*ids.shape, D, dtype=self.fourierft_spectrum[adapter_names[0]].dtype, device=ids.device)
         distinct, inverse = torch.unique(flat, return_inverse=True)
         n_total = sum(self.fourierft_n_frequency[n] for n in adapter_names)
         if embedding_path(distinct.numel(), V, D, n_total) == "table":
