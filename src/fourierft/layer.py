@@ -175,7 +175,7 @@ class AdapterLayer(nn.Module):
         if name in self._premerge_weights:
             quantized.restore_weight(base, self._premerge_weights.pop(name))
         else:
-            base.weight.data = self.unmerged_weight(name, base.weight.data).to(base.weight.dtype).contiguous()
+            quantized.replace_weight(base, self.unmerged_weight(name, base.weight.data))
         self.merged_adapters.pop()
 
     # ------------------------------------------------------------------ forward

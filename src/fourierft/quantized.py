@@ -12,10 +12,11 @@ operations on the base weight, whatever its storage:
 * :func:`restore_weight`: put a snapshot back, so that unmerging gives back the quantized weight bit for
   bit (re-quantizing ``W + dW - dW`` would round a second time).
 
-Re-quantizing rounds: after merging, the layer holds ``Q(W + dW)`` rather than ``W + dW``. The bound
-(measured and stated in ``docs/quantized.md``) is half a quantization step of each block: per row
-``max|W_r| / 254`` for int8, and ``absmax_block * gap / 2`` for 4 bit, where ``gap`` is the largest
-distance between neighbouring code values (nf4: 0.277, fp4: 0.333, in units of the block's absmax).
+Re-quantizing rounds: after merging, the layer holds ``Q(W + dW)`` rather than ``W + dW``, off by at most
+half a quantization step (stated and measured in ``docs/quantized.md``): per row ``max|W_r| / 254`` for int8
+(plus the float16 cast bitsandbytes quantizes from), and ``absmax_block * gap / 2`` for 4 bit, where ``gap``
+is the largest distance between neighbouring code values in units of the block's absmax (nf4: 0.3038,
+fp4: 1/3); double quantization adds the rounding of the absmax itself.
 
 bitsandbytes is an optional dependency (``pip install fourierft[quantized]``). It is imported only when a
 bitsandbytes layer is met; such a layer is recognised by its class's module name, without importing it.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -143,8 +145,15 @@ def replace_weight(module: nn.Module, weight: torch.Tensor) -> Optional[dict]:
     """
     if not is_quantized(module):
         module.weight.data = weight.to(module.weight.dtype).contiguous()
+        if quant_kind(module) == "int8":  # float weights: drop the int8 copy bitsandbytes keeps for inference
+            module.state.CB = module.state.SCB = None
         return None
     bnb = import_bitsandbytes()
+    warnings.warn(
+        f"Merging into a bitsandbytes {type(module).__name__} re-quantizes its weight: the merged layer holds "
+        "Q(W + dW), within half a quantization step of W + dW (see the docs, 'Quantized base layers'). For a "
+        "merge without rounding, call fourierft.quantized.dequantize_model(model) first.", UserWarning, stacklevel=4,
+    )
     snapshot = _snapshot(module)
     old = module.weight
     if quant_kind(module) == "int8":
@@ -165,3 +174,40 @@ def replace_weight(module: nn.Module, weight: torch.Tensor) -> Optional[dict]:
 def requantization_error(module: nn.Module, weight: torch.Tensor) -> float:
     """``max |dense_weight(module) - weight| / max |weight|``: the rounding a merge left (for logs and tests)."""
     return float((dense_weight(module) - weight.float()).abs().max() / weight.float().abs().max().clamp_min(1e-30))
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace, in place, every bitsandbytes ``Linear8bitLt``/``Linear4bit`` of ``model`` (also the base layers
+    inside adapter layers) by a frozen ``nn.Linear`` holding its de-quantized weight.
+
+    Use it to merge into a full-precision copy: ``dequantize_model(peft_model).merge_and_unload()`` merges
+    without re-quantization rounding (the merged weights are ``deq(W) + dW`` exactly).
+
+    Args:
+        model: Any module, e.g. a ``PeftModel``.
+        dtype: Floating dtype of the new weights.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: An adapter is merged into a quantized layer (unmerge it first); nothing is changed.
+    """
+    found = [(key, m) for key, m in model.named_modules() if is_quantized(m) or quant_kind(m) is not None]
+    merged = [key for key, m in model.named_modules() if getattr(m, "_premerge_weights", None)]
+    if merged:
+        raise ValueError(f"Adapters are merged into the quantized layer {merged[0]}; unmerge them before "
+                         "dequantize_model")
+    for key, module in found:
+        parent_name, _, attr = key.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dense_weight(module))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.requires_grad_(False)
+        setattr(parent, attr, linear)
+        logger.info("de-quantized %s (%s) to a %s nn.Linear", key, type(module).__name__, dtype)
+    return model
