@@ -139,6 +139,30 @@ def test_training_never_dequantizes_the_weight(kind, method, monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_training_after_inference_still_reaches_every_adapter(method):
+    """bitsandbytes repacks 4-bit CPU weights on an inference forward (AVX512-BF16) into a layout without
+    backward; the adapter layers unpack them for training, so the first layer's adapter still gets its gradient."""
+    x, target = _x(), torch.randn(12, 32, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for infer_first in (False, True):
+        torch.manual_seed(1)
+        model = get_peft_model(quantized_net("nf4"), METHODS[method]())
+        if infer_first:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            layer = model.base_model.model.lin0.get_base_layer()
+            assert quantized.is_repacked(layer) == bool(layer.support_avx512bf16_for_cpu)
+        model.train()
+        nn.functional.mse_loss(model(x), target).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad and ".lin0." in k})
+    for key, want in grads[0].items():
+        got = grads[1][key]
+        assert got is not None
+        torch.testing.assert_close(got, want, atol=EVAL_4BIT_RTOL * want.abs().max().item(), rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- merging
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", KINDS)

@@ -180,6 +180,8 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled() and quantized.is_repacked(self.base_layer) and self._needs_grad(x):
+            quantized.unpack(self.base_layer)  # bitsandbytes' CPU inference layout has no backward
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -195,6 +197,10 @@ class AdapterLayer(nn.Module):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         return self.adapter_forward(x, names, *args, **kwargs)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return bool(getattr(x, "requires_grad", False)) or any(
+            p.requires_grad for n in self._active_adapters for _, p in self.adapter_parameters(n))
 
     # ------------------------------------------------------------------ method contract
     @classmethod

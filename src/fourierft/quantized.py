@@ -106,6 +106,29 @@ def _unpacked_4bit(weight) -> tuple[torch.Tensor, Any]:
     return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
 
 
+def is_repacked(module: nn.Module) -> bool:
+    """Whether bitsandbytes repacked ``module``'s 4-bit weight for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, an inference forward of ``Linear4bit`` (eval mode, input without gradient)
+    repacks the weight in place for a bfloat16 kernel that has no backward: a later forward with gradients
+    then passes no gradient to its input (measured with bitsandbytes 0.50.2: silently without a bias, an
+    error with one), which would leave every adapter before that layer untrained. Adapter layers call
+    :func:`unpack` first in that case.
+    """
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return state is not None and bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def unpack(module: nn.Module) -> None:
+    """Undo the repacking :func:`is_repacked` detects, in place (bitsandbytes' own inverse)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # no public inverse exists
+
+    weight = module.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    module.quant_state = weight.quant_state
+    logger.debug("unpacked the CPU-inference layout of a %s for a forward with gradients", type(module).__name__)
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The base weight as a dense floating tensor of shape ``(out, in)`` (a plain layer's own ``weight.data``).
 
