@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -127,6 +128,16 @@ def unpack(module: nn.Module) -> None:
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
     module.quant_state = weight.quant_state
     logger.debug("unpacked the CPU-inference layout of a %s for a forward with gradients", type(module).__name__)
+
+
+def unpack_all(model: nn.Module) -> None:
+    """:func:`unpack` every repacked 4-bit layer of ``model``, adapted or not: a training step needs gradients
+    through all of them. Costs one ``sys.modules`` lookup when bitsandbytes was never imported."""
+    if "bitsandbytes" not in sys.modules:
+        return
+    for module in model.modules():
+        if is_repacked(module):
+            unpack(module)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -144,6 +144,8 @@ class AdapterModel(nn.Module):
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names`` (one per sample, ``"__base__"`` for none) mixes adapters in a batch."""
+        if self.model.training and torch.is_grad_enabled():  # see fourierft.quantized.is_repacked
+            quantized.unpack_all(self.model)
         if adapter_names is None:
             return self.model(*args, **kwargs)
         with self.mixed_batch(adapter_names):
