@@ -89,11 +89,6 @@ def _width(module: nn.Module) -> int:
     return module.in_features
 
 
-def _outputs(module: nn.Module) -> int:
-    """Output features (not ``weight.shape[0]``: a bitsandbytes 4-bit weight is stored packed)."""
-    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-
-
 class _BOFTLayer(AdapterLayer):
     """Shared BOFT state and maths; subclasses say how the rotation reaches the output."""
 
@@ -131,7 +126,7 @@ class _BOFTLayer(AdapterLayer):
         """Create ``boft_R`` ``(m, N, b, b)`` and ``boft_s``; with ``init_weights=False`` draw R then s (PEFT's order)."""
         size, num = self.check_target(self, config, key)
         m = config.boft_n_butterfly_factor
-        out = _outputs(self.get_base_layer())
+        out = self.out_features  # not weight.shape[0]: a bitsandbytes 4-bit weight is stored packed
         R = torch.zeros(m, num, size, size)
         s = torch.ones(self.scale_shape(out))
         if not config.init_weights:
@@ -258,7 +253,7 @@ class BOFTLinear(_BOFTLayer):
         names = list(groups)
         slots = sample_slots(self.sample_adapters, x.shape[0], names, x.device)
         z = butterfly.rotate_per_sample(x, [self.rotation_blocks(n, dropout=True) for n in names], slots)
-        ones = torch.ones(_outputs(base), dtype=x.dtype, device=x.device)
+        ones = torch.ones(self.out_features, dtype=x.dtype, device=x.device)
         scale = torch.stack([self._scale(n).to(x.dtype) for n in names] + [ones]).index_select(0, slots)
         y = self.base_layer(z, *args, **kwargs)
         scale = scale.view(scale.shape[0], *([1] * (y.dim() - 2)), scale.shape[1]).to(y.dtype)
