@@ -165,6 +165,29 @@ def test_training_after_inference_still_reaches_every_adapter(method):
         torch.testing.assert_close(got, want, atol=EVAL_4BIT_RTOL * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_mixed_batch_and_disable_over_a_quantized_base(kind, method):
+    torch.manual_seed(2)
+    model = get_peft_model(quantized_net(kind), METHODS[method]())
+    model.add_adapter("other", METHODS[method]())
+    model.train()  # the un-repacked 4-bit kernel: per-sample rows are then comparable exactly
+    x = _x(4)
+    names = ["other", "__base__", "default", "other"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=names)
+        single = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            single[name] = model(x)
+        with model.disable_adapter():
+            single["__base__"] = model(x)
+    tol = 3e-2 if kind == "int8" else 1e-5  # int8 rounds each activation row with the batch's own scale
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], single[name][i], atol=tol * single[name].abs().max().item(), rtol=0)
+    assert (single["default"] - single["__base__"]).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------- merging
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", KINDS)
