@@ -336,6 +336,7 @@ class FourierFTModel(AdapterModel):
     layer_cls = FourierFTLinear
     linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
     target_types = linear_types
+    default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
     #: Other base-layer types and the adapter layer class for each (filled by :meth:`register_layer`).
     extra_layer_classes: dict = {}
 
@@ -353,4 +354,3 @@ class FourierFTModel(AdapterModel):
             if isinstance(base, base_type):
                 return layer_class
         return FourierFTLinear
-    default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
