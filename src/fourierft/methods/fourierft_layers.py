@@ -69,6 +69,9 @@ class FourierFTConv2d(FourierFTLinear):
     def _oriented_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return super()._oriented_delta(adapter_name, weight).reshape(weight.shape)
 
+    def extra_repr(self) -> str:
+        return f"dW on ({self.out_features}, {self.in_features}), " + AdapterLayer.extra_repr(self)
+
     def _kernel_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """Sum of the adapters' ``dW`` as a kernel ``(out, in, kh, kw)`` (differentiable in the spectra)."""
         weight = self.get_base_layer().weight
@@ -140,6 +143,9 @@ class FourierFTEmbedding(FourierFTLinear):
             raise ValueError(f"FourierFT does not support nn.Embedding with max_norm: {key} has "
                              f"max_norm={base.max_norm} (its renormalisation would differ merged and unmerged)")
         super().check_target(module, config, key)
+
+    def extra_repr(self) -> str:
+        return f"dW on ({self.out_features}, {self.in_features}), " + AdapterLayer.extra_repr(self)
 
     def embedding_delta(self, ids: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """``dW[ids]`` summed over the adapters, shape ``(*ids.shape, embedding_dim)``, float32 or wider."""
