@@ -309,6 +309,13 @@ def test_save_load_round_trip_over_a_quantized_base(kind, method, tmp_path):
         torch.testing.assert_close(full(x), out, atol=tol * out.abs().max().item(), rtol=tol)
 
 
+def test_parameter_counts_count_4bit_weights_not_bytes():
+    """PEFT counts a packed 4-bit weight as its number of values (two per byte); so does this library."""
+    counts = [get_peft_model(net, METHODS["fourierft"]()).get_nb_trainable_parameters()
+              for net in (reference_net(quantized_net("nf4")), quantized_net("nf4"))]
+    assert counts[0] == counts[1]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_missing_bitsandbytes_is_a_clear_error_and_changes_nothing(monkeypatch):
     net = quantized_net("nf4")

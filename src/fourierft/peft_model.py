@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import quantized
 from .config import PeftConfig, PeftType
 from .hotswap import hotswap_adapter as _hotswap_adapter
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
@@ -153,6 +154,7 @@ class PeftModel(nn.Module):
         trainable = total = 0
         for _, param in self.named_parameters():
             count = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+            count *= quantized.values_per_element(param)  # packed 4-bit weights, as PEFT counts them
             total += count
             trainable += count if param.requires_grad else 0
         return trainable, total

@@ -55,6 +55,14 @@ def quant_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def values_per_element(param: torch.Tensor) -> int:
+    """Weights stored per element of ``param``: ``2 * element_size`` for a packed bitsandbytes 4-bit weight
+    (two 4-bit values per byte), else 1."""
+    if type(param).__name__ == "Params4bit" and is_bitsandbytes_module(param):
+        return 2 * param.element_size()
+    return 1
+
+
 def import_bitsandbytes(what: str = "a quantized layer"):
     """bitsandbytes, imported now.
 
