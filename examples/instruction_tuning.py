@@ -14,7 +14,10 @@ before the adapter is added; the adapter trains on the activations and the base 
 ``--compare-bases`` runs the float32 and the nf4 base one after the other with the same data and seed, and
 prints weight memory, speed and exact match side by side, and how often the two runs give the same answer::
 
-    python examples/instruction_tuning.py --compare-bases --max-steps 12 --test-size 12
+    python examples/instruction_tuning.py --compare-bases --max-steps 12 --test-size 12   # about 11 min
+
+Measured on 2 shared CPU cores (bitsandbytes 0.50.2): weight memory 513 MiB (float32) against 160 MiB (nf4; the
+tied embedding stays float32), 23.9 against 21.8 s per step, exact match after 12 steps 75% against 17%.
 
 The task is made up here, so no data set is downloaded: turn a sentence into a JSON record,
 ``"In 1998 Alice moved to Lisbon."`` -> ``{"person": "Alice", "city": "Lisbon", "year": 1998}``. Names,
