@@ -12,6 +12,9 @@ operations on the base weight, whatever its storage:
 * :func:`restore_weight`: put a snapshot back, so that unmerging gives back the quantized weight bit for
   bit (re-quantizing ``W + dW - dW`` would round a second time).
 
+For training it also undoes a CPU-inference repacking of 4-bit weights that has no backward
+(:func:`is_repacked`, :func:`unpack`). :func:`dequantize_model` gives a full-precision copy to merge into.
+
 Re-quantizing rounds: after merging, the layer holds ``Q(W + dW)`` rather than ``W + dW``, off by at most
 half a quantization step (stated and measured in ``docs/quantized.md``): per row ``max|W_r| / 254`` for int8
 (plus the float16 cast bitsandbytes quantizes from), and ``absmax_block * gap / 2`` for 4 bit, where ``gap``
@@ -211,11 +214,6 @@ def replace_weight(module: nn.Module, weight: torch.Tensor) -> Optional[dict]:
     )
     module.weight = new.to(old.device)  # quantizes
     return snapshot
-
-
-def requantization_error(module: nn.Module, weight: torch.Tensor) -> float:
-    """``max |dense_weight(module) - weight| / max |weight|``: the rounding a merge left (for logs and tests)."""
-    return float((dense_weight(module) - weight.float()).abs().max() / weight.float().abs().max().clamp_min(1e-30))
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
