@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -21,6 +23,41 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 VOCAB = 97
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodCase:
+    """One adapter method as the shared tests see it.
+
+    Attributes:
+        config_cls: Its config class.
+        kwargs: Small settings that fit every test model here (the MLP's 10 -> 20 -> 2 layers included) and
+            give an adapter that is not the identity.
+    """
+
+    config_cls: type
+    kwargs: dict
+
+    def config(self, **overrides: Any):
+        return self.config_cls(**{**self.kwargs, **overrides})
+
+
+def _methods() -> dict[str, MethodCase]:
+    from fourierft import BOFTConfig, FourierFTConfig
+
+    return {
+        "fourierft": MethodCase(FourierFTConfig, {"n_frequency": 6}),
+        "boft": MethodCase(BOFTConfig, {"boft_block_size": 2, "init_weights": False}),
+    }
+
+
+#: The methods every shared test runs on (the one list of methods in the test suite).
+METHODS: dict[str, MethodCase] = _methods()
+
+
+def method_config(method: str, **overrides: Any):
+    """``METHODS[method]``'s config, targeting the MLP's two layers unless ``target_modules`` is given."""
+    return METHODS[method].config(**{"target_modules": ["lin0", "lin1"], **overrides})
 
 
 class MLP(nn.Module):

@@ -66,14 +66,8 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         tuner_cls = _tuner_class(peft_config)
         self._adapters_disabled = False
-        saved = copy.copy(peft_config.modules_to_save)
-        self._add_task_modules(peft_config)
-        try:
-            self.base_model = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage,
-                                        autocast_adapter_dtype)
-        except BaseException:  # leave the caller's config as it was
-            peft_config.modules_to_save = saved
-            raise
+        self.base_model = tuner_cls(model, {adapter_name: self._with_task_modules(peft_config)}, adapter_name,
+                                    low_cpu_mem_usage, autocast_adapter_dtype)
         flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
             "is_gradient_checkpointing"
         if getattr(model, flag, False):
@@ -85,13 +79,15 @@ class PeftModel(nn.Module):
         super().__setstate__(state)
         expose_forward_signature(self)
 
-    def _add_task_modules(self, config: PeftConfig) -> None:
+    def _with_task_modules(self, config: PeftConfig) -> PeftConfig:
+        """``config``, or a copy of it with this task's head modules added to ``modules_to_save``."""
         if not self.task_modules_to_save:
-            return
-        if config.modules_to_save is None:
-            config.modules_to_save = list(self.task_modules_to_save)
-        else:  # PEFT appends them again on every load; once is enough (the list is a set of names)
-            config.modules_to_save.extend(n for n in self.task_modules_to_save if n not in config.modules_to_save)
+            return config
+        config = copy.deepcopy(config)
+        names = list(config.modules_to_save or [])
+        # PEFT appends them again on every load; once is enough (the list is a set of names)
+        config.modules_to_save = names + [n for n in self.task_modules_to_save if n not in names]
+        return config
 
     def __getattr__(self, name: str):
         try:
@@ -179,14 +175,8 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name} already exists.")
         _tuner_class(peft_config)
-        saved = copy.copy(peft_config.modules_to_save)
-        self._add_task_modules(peft_config)
-        try:
-            self.base_model.inject_adapter(self.base_model.model, adapter_name, peft_config,
-                                           autocast_adapter_dtype, low_cpu_mem_usage)
-        except BaseException:
-            peft_config.modules_to_save = saved
-            raise
+        self.base_model.inject_adapter(self.base_model.model, adapter_name, self._with_task_modules(peft_config),
+                                       autocast_adapter_dtype, low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the single active adapter (trainable unless ``inference_mode``)."""
@@ -328,7 +318,7 @@ class PeftModel(nn.Module):
         """
         from .io import load_config, task_class
 
-        config = load_config(model_id, config, **kwargs)
+        config = copy.deepcopy(load_config(model_id, config, **kwargs))  # the caller's config stays as it is
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)  # before touching the model
         target_cls = task_class(config.task_type) if cls is PeftModel else cls
@@ -365,7 +355,7 @@ class PeftModel(nn.Module):
         """
         from .io import load_config
 
-        config = load_config(model_id, kwargs.pop("config", None), **kwargs)
+        config = copy.deepcopy(load_config(model_id, kwargs.pop("config", None), **kwargs))
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)
         if adapter_name in self.peft_config:
@@ -496,17 +486,13 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if mixed:
         raise ValueError(f"{peft_config.peft_type} does not support mixed adapter models (mixed=True)")
     _tuner_class(peft_config)
-    saved = (peft_config.base_model_name_or_path, peft_config.revision)
+    peft_config = copy.deepcopy(peft_config)  # the model's own copy; the caller's object is never changed
     name = getattr(model, "name_or_path", None)
     peft_config.base_model_name_or_path = name or None
     if revision is not None:
         peft_config.revision = revision
     cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    try:
-        return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
-    except BaseException:  # leave the caller's config as it was
-        peft_config.base_model_name_or_path, peft_config.revision = saved
-        raise
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
@@ -518,6 +504,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """
     tuner_cls = _tuner_class(peft_config)
     if state_dict is not None:
+        peft_config = copy.deepcopy(peft_config)
         marker = "." + tuner_cls.prefix
         paths = {k.split(marker)[0] for k in state_dict if marker in k}
         peft_config.target_modules = {p[len(ckpt.PEFT_PREFIX):] if p.startswith(ckpt.PEFT_PREFIX) else p

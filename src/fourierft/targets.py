@@ -178,17 +178,19 @@ def all_linear_names(model: nn.Module, linear_types: tuple[type, ...]) -> set[st
     return names
 
 
-def resolve_target_modules(config, model: nn.Module, linear_types: tuple[type, ...]) -> None:
-    """Fill ``config.target_modules`` in place when it is ``None`` or ``"all-linear"``.
+def resolve_target_modules(config, model: nn.Module, linear_types: tuple[type, ...]):
+    """The value ``config.target_modules`` resolves to on ``model`` (``config`` is not changed).
+
+    ``None`` becomes the model type's default and ``"all-linear"`` the names of every linear layer;
+    anything else is returned as it is.
 
     Raises:
         ValueError: ``target_modules`` is ``None`` and the model type has no default.
     """
     if config.target_modules == "all-linear":
-        config.target_modules = all_linear_names(model, linear_types)
-        return
+        return all_linear_names(model, linear_types)
     if config.target_modules is not None:
-        return
+        return config.target_modules
     model_config = getattr(model, "config", None)
     model_type = model_config.get("model_type") if isinstance(model_config, dict) else getattr(
         model_config, "model_type", None
@@ -198,4 +200,4 @@ def resolve_target_modules(config, model: nn.Module, linear_types: tuple[type, .
             f"Please specify target_modules in peft_config: there is no default for model type {model_type!r}"
         )
     default = DEFAULT_TARGETS[model_type]
-    config.target_modules = default if isinstance(default, str) else set(default)
+    return default if isinstance(default, str) else set(default)

@@ -207,10 +207,11 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ injection
     def _resolve_targets(self, model: nn.Module, config) -> None:
+        """Fill ``target_modules`` of the model's own copy ``config`` (``None``: the method's or PEFT's default)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules is None and model_type in self.default_target_overrides:
             config.target_modules = set(self.default_target_overrides[model_type])
-        resolve_target_modules(config, model, self.linear_types or self.target_types)
+        config.target_modules = resolve_target_modules(config, model, self.linear_types or self.target_types)
 
     def _find_targets(self, model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         found, inside_wrapper = [], ()
@@ -274,8 +275,9 @@ class AdapterModel(nn.Module):
     ) -> None:
         """Add adapter ``adapter_name`` to every target of ``config``; all-or-nothing.
 
-        The config is completed in place (``target_modules`` resolved, ``fan_in_fan_out`` corrected), as in
-        PEFT. On any error the model, the config and this tuner are left exactly as they were.
+        ``config`` is never changed: it is resolved (``target_modules`` filled, ``fan_in_fan_out`` corrected)
+        into the model's own deep copy, which ``peft_config[adapter_name]`` then shows, as in PEFT. On any
+        error the model and this tuner are left exactly as they were.
 
         Raises:
             ValueError: Bad name, duplicate name, no matching module, or a bad per-layer value.
@@ -283,7 +285,7 @@ class AdapterModel(nn.Module):
             ImportError: A matched module is a bitsandbytes layer but bitsandbytes cannot be imported.
         """
         self._check_new_adapter(adapter_name, config)
-        saved_fields = copy.copy(config.__dict__)
+        config = copy.deepcopy(config)  # the model's own copy: resolving it leaves the caller's object as it was
         created: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[AdapterLayer] = []
         wrapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -319,8 +321,6 @@ class AdapterModel(nn.Module):
             for wrapper in self._wrappers():
                 wrapper.delete_adapter(adapter_name)
             self.peft_config.pop(adapter_name, None)
-            config.__dict__.clear()
-            config.__dict__.update(saved_fields)
             raise
         self._freeze_base(model)
         others = [(p, p.requires_grad) for p in self.adapter_tensors(n for n in self.peft_config if n != adapter_name)]
