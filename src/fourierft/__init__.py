@@ -15,13 +15,6 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .checkpoint import (
-    CheckpointError,
-    get_base_model_state_dict,
-    get_peft_model_state_dict,
-    set_base_model_state_dict,
-    set_peft_model_state_dict,
-)
 from .config import PeftConfig, PeftType, TaskType, get_peft_config
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
@@ -41,6 +34,13 @@ from .peft_model import (
 )
 from .functional import load_peft_weights, prepare_model_for_kbit_training
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .serialization.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
+from .serialization.tensors import CheckpointError
 from .tuner import NoMatchingPeftModuleError, PeftError
 
 __all__ = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import transformers
+
 from .config import PeftConfig
-from .io import load_config
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -15,8 +16,8 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-
-_HUB_KEYS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "subfolder")
+from .serialization.folders import load_config
+from .serialization.hub import LOCATION_KWARGS
 
 
 class _AutoPeftModel:
@@ -51,9 +52,7 @@ class _AutoPeftModel:
         Raises:
             ValueError: The adapter's ``task_type`` does not match this class, or it names no base model.
         """
-        import transformers
-
-        hub = {k: kwargs.pop(k) for k in _HUB_KEYS if k in kwargs}
+        hub = {k: kwargs.pop(k) for k in LOCATION_KWARGS if k in kwargs}
         config = load_config(pretrained_model_name_or_path, config, **hub)
         if cls.task_type is not None and config.task_type != cls.task_type:
             raise ValueError(

@@ -16,6 +16,8 @@ import warnings
 from typing import Any, ClassVar, Optional, Union
 
 from ._version import FORMAT_VERSION
+from .serialization.hub import HUB_KWARGS, resolve_file
+from .targets import validate_tuner_fields
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +69,6 @@ def _load_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def _resolve_config_file(path_or_repo_id: str, subfolder: Optional[str], **hub_kwargs) -> str:
-    local = os.path.join(path_or_repo_id, subfolder or "", CONFIG_NAME)
-    if os.path.isfile(local):
-        return local
-    if os.path.isdir(path_or_repo_id):
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {os.path.dirname(local)}")
-    from huggingface_hub import hf_hub_download
-
-    allowed = {"revision", "cache_dir", "token", "force_download", "local_files_only"}
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed}
-    try:
-        return hf_hub_download(path_or_repo_id, CONFIG_NAME, subfolder=subfolder or None, **kwargs)
-    except Exception as err:  # the hub raises many types; give one clear message
-        raise FileNotFoundError(
-            f"Can't find {CONFIG_NAME} for {path_or_repo_id!r} (subfolder={subfolder!r}): not a local "
-            f"directory and not resolvable on the Hugging Face Hub or in its cache ({err})"
-        ) from err
 
 
 @dataclasses.dataclass
@@ -190,7 +173,7 @@ class PeftConfig:
                 "This probably means that the configuration file was saved by a newer version of the library."
             )
         config = target(**{k: v for k, v in data.items() if k in names})
-        # files from peft <= 0.20 carry no peft_version; they omitted heads and biases (see checkpoint.py)
+        # files from peft <= 0.20 carry no peft_version (the rule: serialization.state_dict.is_legacy_format)
         config._legacy_format = "peft_version" not in data
         return config
 
@@ -223,10 +206,8 @@ class PeftConfig:
             FileNotFoundError: No config could be found.
             TypeError: The file has no ``peft_type``.
         """
-        hub_keys = {"revision", "cache_dir", "token", "force_download", "local_files_only"}
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in hub_keys}
-        overrides = {k: v for k, v in kwargs.items() if k not in hub_keys}
-        path = _resolve_config_file(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+        overrides = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
+        path = resolve_file(pretrained_model_name_or_path, (CONFIG_NAME,), subfolder, **kwargs)
         data = _load_json(path)
         data.update(overrides)
         return cls.from_dict(data)
@@ -286,6 +267,4 @@ class TunerConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .targets import validate_tuner_fields
-
         validate_tuner_fields(self)

@@ -18,10 +18,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
-from .io import load_weights_file
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .peft_model import inject_adapter_in_model
+from .serialization.folders import load_weights_file
+from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 logger = logging.getLogger(__name__)

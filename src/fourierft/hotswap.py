@@ -42,12 +42,12 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from .config import PeftConfig
-from .io import load_config, load_weights_file
 from .layer import AdapterLayer
 from .methods.boft import BOFTConfig, _BOFTLayer
 from .methods.fourierft import FourierFTConfig, FourierFTLinear
+from .serialization import state_dict as ckpt
+from .serialization.folders import load_config, load_weights_file
 
 logger = logging.getLogger(__name__)
 

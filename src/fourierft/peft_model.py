@@ -16,12 +16,20 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from . import quantized
-from .config import PeftConfig, PeftType
+from .config import PeftConfig, PeftType, _as_peft_type
 from .hotswap import hotswap_adapter as _hotswap_adapter
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .methods import MODEL_CLASSES
+from .serialization.folders import load_config, load_weights_file, save_adapters
+from .serialization.modelcard import write_model_card
+from .serialization.state_dict import (
+    FINGERPRINT_KEY,
+    PEFT_PREFIX,
+    LoadResult,
+    is_legacy_format,
+    set_peft_model_state_dict,
+)
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel, check_adapter_name
 
@@ -122,8 +130,9 @@ class PeftModel(nn.Module):
 
     @property
     def peft_type(self) -> PeftType:
-        """The adapter method, a :class:`~fourierft.PeftType` member."""
-        return PeftType(self.base_model.peft_type)
+        """The adapter method, a :class:`~fourierft.PeftType` member (the plain type string for a method
+        registered from outside the package, which the enum does not list)."""
+        return _as_peft_type(self.base_model.peft_type)
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -278,8 +287,6 @@ class PeftModel(nn.Module):
         Raises:
             ValueError: ``save_directory`` is a file, or ``selected_adapters`` names unknown adapters.
         """
-        from .io import save_adapters
-
         save_adapters(self, save_directory, safe_serialization, selected_adapters, is_main_process,
                       kwargs.get("state_dict"))
 
@@ -300,8 +307,6 @@ class PeftModel(nn.Module):
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Create ``output_dir/README.md``, or update its YAML header (``library_name: peft``, base model, tags)."""
-        from .modelcard import write_model_card
-
         write_model_card(output_dir, self)
 
     @classmethod
@@ -316,12 +321,10 @@ class PeftModel(nn.Module):
             FileNotFoundError: No adapter config or weights.
             CheckpointError: The weights do not fit the model; ``model`` is then returned to its state.
         """
-        from .io import load_config, task_class
-
         config = copy.deepcopy(load_config(model_id, config, **kwargs))  # the caller's config stays as it is
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)  # before touching the model
-        target_cls = task_class(config.task_type) if cls is PeftModel else cls
+        target_cls = TASK_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
         flags = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
         try:
@@ -338,7 +341,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
-                     key_mapping: Optional[dict] = None, **kwargs: Any) -> ckpt.LoadResult:
+                     key_mapping: Optional[dict] = None, **kwargs: Any) -> LoadResult:
         """Load an adapter file as adapter ``adapter_name`` (not activated).
 
         A new name adds the adapter. An existing name reloads its weights in place, as PEFT does (for
@@ -353,8 +356,6 @@ class PeftModel(nn.Module):
                 keeps its weights.
             ValueError: The file's config differs from the existing adapter's.
         """
-        from .io import load_config
-
         config = copy.deepcopy(load_config(model_id, kwargs.pop("config", None), **kwargs))
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, **kwargs)
@@ -399,32 +400,18 @@ class PeftModel(nn.Module):
     def _load_weights(self, weights: tuple[dict, dict], adapter_name: str, low_cpu_mem_usage: bool, config,
                       **kwargs):
         tensors, metadata = weights
-        return ckpt.set_peft_model_state_dict(
+        return set_peft_model_state_dict(
             self, tensors, adapter_name, ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
-            low_cpu_mem_usage=low_cpu_mem_usage, legacy_ok=_is_legacy(config),
-            fingerprint=metadata.get(ckpt.FINGERPRINT_KEY),
+            low_cpu_mem_usage=low_cpu_mem_usage, legacy_ok=is_legacy_format(config),
+            fingerprint=metadata.get(FINGERPRINT_KEY),
         )
 
 
 def _read_weights(model_id: str, config: PeftConfig, **kwargs) -> tuple[dict, dict]:
     """Read the weights file and let the method adapt the config to it (e.g. BOFT's factor count)."""
-    from .io import load_weights_file
-
     tensors, metadata = load_weights_file(model_id, **kwargs)
     _tuner_class(config).config_from_weights(config, tensors)
     return tensors, metadata
-
-
-def _is_legacy(config: PeftConfig) -> bool:
-    """True for files written by PEFT <= 0.20, which omitted heads and biases."""
-    if getattr(config, "_legacy_format", False):
-        return True
-    version = (config.peft_version or "0").split("+")[0].split("@")[0]
-    try:
-        major, minor = (int(p) for p in version.split(".")[:2])
-    except ValueError:
-        return True
-    return (major, minor) < (0, 21)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -455,6 +442,9 @@ class PeftModelForFeatureExtraction(PeftModel):
 class PeftModelForCausalLM(PeftModel):
     """Causal language modelling, with ``generate``."""
 
+    #: ``pipeline_tag`` of the model card written beside saved adapters.
+    model_card_pipeline_tag: Optional[str] = "text-generation"
+
     forward = delegating_forward("labels")
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -463,6 +453,8 @@ class PeftModelForCausalLM(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
     """Sequence-to-sequence language modelling, with ``generate``."""
+
+    model_card_pipeline_tag = None
 
 
 TASK_CLASSES: dict[Optional[str], type[PeftModel]] = {
@@ -507,7 +499,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         peft_config = copy.deepcopy(peft_config)
         marker = "." + tuner_cls.prefix
         paths = {k.split(marker)[0] for k in state_dict if marker in k}
-        peft_config.target_modules = {p[len(ckpt.PEFT_PREFIX):] if p.startswith(ckpt.PEFT_PREFIX) else p
+        peft_config.target_modules = {p[len(PEFT_PREFIX):] if p.startswith(PEFT_PREFIX) else p
                                       for p in paths}
     tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage)
     return tuner.model

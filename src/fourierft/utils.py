@@ -4,17 +4,16 @@
 Everything here is re-exported from where it lives; nothing is defined twice.
 """
 
-from .checkpoint import (
-    SAFETENSORS_WEIGHTS_NAME,
-    WEIGHTS_NAME,
+from .config import CONFIG_NAME, PeftType, TaskType
+from .layer import ModulesToSaveWrapper
+from .methods import BOFTModel, FourierFTModel
+from .serialization.state_dict import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
-from .config import CONFIG_NAME, PeftType, TaskType
-from .layer import ModulesToSaveWrapper
-from .methods import BOFTModel, FourierFTModel
+from .serialization.tensors import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .targets import DEFAULT_TARGETS
 from .tuner import NoMatchingPeftModuleError, PeftError
 

@@ -40,9 +40,10 @@ from .. import checkpoint as ckpt
 from ..config import PeftConfig
 from ..functional import delete_adapter as _delete_from_layers
 from ..functional import set_requires_grad
-from ..io import load_config, load_weights_file
 from ..layer import AdapterLayer, ModulesToSaveWrapper
-from ..peft_model import _is_legacy, _tuner_class
+from ..peft_model import _tuner_class
+from ..serialization.folders import load_config, load_weights_file
+from ..serialization.state_dict import is_legacy_format as _is_legacy
 from ..tuner import get_submodule_parent
 
 logger = logging.getLogger(__name__)

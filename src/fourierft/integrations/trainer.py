@@ -27,15 +27,16 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .. import checkpoint as ckpt
-from ..io import adapter_dir, load_weights_file
 from ..peft_model import PeftModel
+from ..serialization.folders import adapter_dir, load_weights_file
+from ..serialization.state_dict import FINGERPRINT_KEY, set_peft_model_state_dict
+from ..serialization.tensors import WEIGHTS_NAMES
 from .optim import adapter_param_groups, adapter_parameter_ids, resolve_adapter_lr
 
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"
-_WEIGHT_FILES = (ckpt.SAFETENSORS_WEIGHTS_NAME, ckpt.WEIGHTS_NAME)
+_WEIGHT_FILES = WEIGHTS_NAMES
 
 
 def has_adapter_files(folder: Optional[str]) -> bool:
@@ -64,7 +65,7 @@ def load_adapter_weights(model: PeftModel, folder: str) -> list[str]:
         if not any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES):
             continue
         tensors, metadata = load_weights_file(path)
-        ckpt.set_peft_model_state_dict(model, tensors, name, fingerprint=metadata.get(ckpt.FINGERPRINT_KEY))
+        set_peft_model_state_dict(model, tensors, name, fingerprint=metadata.get(FINGERPRINT_KEY))
         loaded.append(name)
     missing = [n for n in model.active_adapters if n not in loaded]
     if missing:

@@ -8,7 +8,7 @@ import uuid
 
 from torch import nn
 
-from ._version import __version__
+from .._version import __version__
 
 _BODY = """
 # Adapter
@@ -43,12 +43,11 @@ def write_model_card(save_directory: str, peft_model: nn.Module) -> None:
     if config is not None and hasattr(config, "_name_or_path"):
         header["base_model"] = config._name_or_path
         tags.append(f"base_model:adapter:{config._name_or_path}")
-    from .peft_model import PeftModelForCausalLM, PeftModelForSeq2SeqLM
-
-    # isinstance, not the class name: FSDP2's fully_shard renames the class to FSDPPeftModelForCausalLM
-    if (hasattr(base, "generate") and isinstance(peft_model, PeftModelForCausalLM)
-            and not isinstance(peft_model, PeftModelForSeq2SeqLM)):
-        header["pipeline_tag"] = "text-generation"
+    # a class attribute (inherited by FSDP2's renamed FSDPPeftModelForCausalLM), read on the type so that
+    # PeftModel's attribute delegation to the base model is not consulted
+    pipeline_tag = getattr(type(peft_model), "model_card_pipeline_tag", None)
+    if pipeline_tag and hasattr(base, "generate"):
+        header["pipeline_tag"] = pipeline_tag
     if type(base).__module__.startswith("transformers"):
         tags.insert(0, "transformers")
     tags.append("fourierft")
