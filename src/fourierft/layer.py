@@ -16,10 +16,10 @@ subclass supplies four things:
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import warnings
-from typing import Iterable, Optional, Sequence
+import weakref
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -259,31 +259,75 @@ class AdapterLayer(nn.Module):
 BASE_ADAPTER_NAME = "__base__"
 
 
+class SharedPlans:
+    """Plans (derived, unsaved tensors) shared by every layer built with the same key.
+
+    Layers hold a strong reference to the plans they use; this registry holds weak ones only, so that
+    layers of one shape share one copy while it lives, and deleting the last model that uses a plan frees
+    it: the registry never outgrows the live models. Values must support weak references (tensors,
+    dataclass instances).
+    """
+
+    def __init__(self) -> None:
+        self._plans: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The live plan of ``key``, or ``build()``'s result, registered for the next layer asking."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build()
+            self._plans[key] = plan
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def values(self) -> list:
+        """The live plans."""
+        return list(self._plans.values())
+
+
+class SampleAdapters(list):
+    """The per-sample adapter names of one mixed batch, with the index tensors every layer looks up.
+
+    Set on the layers by :meth:`fourierft.tuner.AdapterModel.mixed_batch` and dropped when it ends, so
+    the index tensors live exactly as long as the batch layout.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(names)
+        self.index_cache: dict[tuple, Any] = {}
+
+
+def _cached(sample_adapters: Sequence[str], key: tuple, build: Callable[[], Any]) -> Any:
+    cache = getattr(sample_adapters, "index_cache", None)
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str],
                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Cached :func:`_sample_groups` (the same batch layout is looked up by every layer)."""
-    return _cached_groups(tuple(sample_adapters), batch, tuple(available), str(device))
+    """:func:`_sample_groups` on ``device`` (computed once per batch layout for all layers)."""
+    def build():
+        return {k: v.to(device) for k, v in _sample_groups(list(sample_adapters), batch, available).items()}
 
-
-@functools.lru_cache(maxsize=256)
-def _cached_groups(names: tuple, batch: int, available: tuple, device: str) -> dict[str, torch.Tensor]:
-    groups = _sample_groups(names, batch, available)
-    return {k: v.to(device) for k, v in groups.items()}
+    return _cached(sample_adapters, ("groups", batch, tuple(available), str(device)), build)
 
 
 def sample_slots(sample_adapters: Sequence[str], batch: int, names: Sequence[str],
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """``(batch,)`` int64: the position in ``names`` of each sample's adapter, ``len(names)`` for samples
-    using none of them (cached like :func:`sample_groups`)."""
-    return _cached_slots(tuple(sample_adapters), batch, tuple(names), str(device))
+    using none of them (computed once per batch layout, like :func:`sample_groups`)."""
+    def build():
+        repeat = batch // len(sample_adapters)  # validated by sample_groups first
+        position = {name: i for i, name in enumerate(names)}
+        slots = [position.get(name, len(names)) for name in sample_adapters for _ in range(repeat)]
+        return torch.tensor(slots, dtype=torch.long).to(device)
 
-
-@functools.lru_cache(maxsize=256)
-def _cached_slots(sample_adapters: tuple, batch: int, names: tuple, device: str) -> torch.Tensor:
-    repeat = batch // len(sample_adapters)  # validated by sample_groups first
-    position = {name: i for i, name in enumerate(names)}
-    slots = [position.get(name, len(names)) for name in sample_adapters for _ in range(repeat)]
-    return torch.tensor(slots, dtype=torch.long).to(device)
+    return _cached(sample_adapters, ("slots", batch, tuple(names), str(device)), build)
 
 
 def _sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str]) -> dict[str, torch.Tensor]:

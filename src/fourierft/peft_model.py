@@ -60,6 +60,8 @@ class PeftModel(nn.Module):
     #: Read by ``transformers.Trainer`` after loading a checkpoint; our state dict omits nothing.
     _keys_to_ignore_on_save = None
     #: Tells ``transformers.Trainer`` that adapters are attached, so it trains a quantized (e.g. GGUF) base.
+    #: Private API: transformers has no public flag for "adapters attached" other than this attribute (read
+    #: by ``trainer_utils`` and ``modeling_utils``); tests/test_private_api.py fails loudly if it goes away.
     _hf_peft_config_loaded = True
 
     def __init__(

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quantized
-from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
+from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper, SampleAdapters
 from .targets import is_excluded, is_target, layer_coverage, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class AdapterModel(nn.Module):
         modules = [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
         if any(isinstance(m, AdapterLayer) and m.merged for m in modules):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters; unmerge them first")
-        names = list(adapter_names)
+        names = SampleAdapters(adapter_names)
         for m in modules:
             m.sample_adapters = names
         try:

@@ -14,7 +14,9 @@ overrides four of Trainer's hooks:
 * ``create_optimizer``: separate learning rates for the adapter tensors and for the rest (head,
   ``modules_to_save``, trainable biases); see :func:`~fourierft.integrations.optim.adapter_param_groups`.
 
-Three of them are private Trainer methods (tested with transformers 5.24 only); any other model, and the DeepSpeed/FSDP paths, go to Trainer's own implementation.
+Three of them are private Trainer methods: Trainer has no public hook for how a checkpoint is written or read
+back (its callbacks run after the files exist). Any other model, and the DeepSpeed/FSDP paths, go to Trainer's
+own implementation; tests/test_private_api.py fails loudly if the three names or their arguments change.
 """
 
 from __future__ import annotations

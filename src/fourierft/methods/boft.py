@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import TunerConfig, register_config
-from ..layer import AdapterLayer, sample_slots
+from ..layer import AdapterLayer, SharedPlans, sample_slots
 from ..ops import butterfly
 from ..tuner import AdapterModel
 
@@ -89,12 +89,16 @@ def _width(module: nn.Module) -> int:
     return module.in_features
 
 
+#: Butterfly plans shared by the live layers of one geometry and device (weak references only).
+_PLANS = SharedPlans()
+
+
 class _BOFTLayer(AdapterLayer):
     """Shared BOFT state and maths; subclasses say how the rotation reaches the output."""
 
     adapter_layer_names = ("boft_R", "boft_s")
     other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor",
-                         "_cayley_cache")
+                         "_cayley_cache", "_plans")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -109,6 +113,7 @@ class _BOFTLayer(AdapterLayer):
         self.boft_dropout: dict[str, float] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
         self._cayley_cache: dict[str, tuple] = {}
+        self._plans: dict[str, butterfly.ButterflyPlan] = {}  # on the adapter's device, rebuilt after a move
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -138,22 +143,27 @@ class _BOFTLayer(AdapterLayer):
         self.boft_block_num[adapter_name] = num
         self.boft_dropout[adapter_name] = float(config.boft_dropout)
         self.boft_n_butterfly_factor[adapter_name] = m
+        self._plans.pop(adapter_name, None)
 
-    def _prepare_plans(self) -> None:
-        """Build the butterfly plans for the adapters' device now, not inside a torch.compile'd forward."""
-        for name, r in self.boft_R.items():
-            if r.device.type != "meta":
-                butterfly.prepare(self.boft_block_num[name], self.boft_block_size[name],
-                                  self.boft_n_butterfly_factor[name], r.device)
+    def plan(self, adapter_name: str) -> butterfly.ButterflyPlan:
+        """The adapter's butterfly plan on the device of its ``boft_R`` (shared with same-geometry layers).
+
+        After the model moves (``.to()``), the first call builds the plan for the new device; the layer then
+        holds that one only.
+        """
+        plan = self._plans.get(adapter_name)
+        device = self.boft_R[adapter_name].device
+        if plan is None or plan.device != device:
+            geometry = (self.boft_block_num[adapter_name], self.boft_block_size[adapter_name],
+                        self.boft_n_butterfly_factor[adapter_name])
+            plan = self._plans[adapter_name] = _PLANS.get(
+                (*geometry, str(device)), lambda: butterfly.make_butterfly_plan(*geometry, device))
+        return plan
 
     def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._move_adapter(adapter_name, autocast_adapter_dtype)
-        self._prepare_plans()
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), ...: the plans follow the device
-        module = super()._apply(fn, recurse)
-        self._prepare_plans()
-        return module
+        if self.boft_R[adapter_name].device.type != "meta":
+            self.plan(adapter_name)  # built now, not inside a torch.compile'd forward
 
     @staticmethod
     def scale_shape(out: int) -> tuple[int, int]:
@@ -174,6 +184,8 @@ class _BOFTLayer(AdapterLayer):
         if torch.is_grad_enabled() and R.requires_grad or R.device.type == "meta" or torch.compiler.is_compiling():
             q = butterfly.cayley(R)
         else:
+            # Private API: ``Tensor._version`` is the only way to see an in-place change (optimizer step,
+            # load_state_dict); torch has no public version counter. tests/test_private_api.py checks it.
             stamp = (R.data_ptr(), R._version, R.device, R.dtype)
             cached = self._cayley_cache.get(adapter_name)
             if cached is None or cached[0] != stamp:
@@ -189,7 +201,8 @@ class _BOFTLayer(AdapterLayer):
         flat = weight.reshape(weight.shape[0], -1).to(dtype)
         for name in adapter_names:
             q = self.rotation_blocks(name, dropout)
-            flat = butterfly.rotate_transpose(flat, q.to(dtype)) * self._scale(name).to(dtype)[:, None]
+            flat = butterfly.rotate_transpose(flat, q.to(dtype), plan=self.plan(name))
+            flat = flat * self._scale(name).to(dtype)[:, None]
         return flat.reshape(weight.shape)
 
     def check_merge(self, adapter_names=None) -> None:
@@ -210,12 +223,12 @@ class _BOFTLayer(AdapterLayer):
         self._check_invertible(adapter_name)  # dividing by 0 would turn the base weight into NaN
         dtype = torch.promote_types(weight.dtype, torch.float32)
         flat = weight.reshape(weight.shape[0], -1).to(dtype) / self._scale(adapter_name).to(dtype)[:, None]
-        flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype))
+        flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype), plan=self.plan(adapter_name))
         return flat.reshape(weight.shape).to(weight.dtype)
 
     def get_delta_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """PEFT's return value for adapter ``adapter``: the dense rotation ``M`` ``(n, n)`` and the scale ``s``."""
-        return butterfly.dense_rotation(self.rotation_blocks(adapter)), self.boft_s[adapter]
+        return butterfly.dense_rotation(self.rotation_blocks(adapter), plan=self.plan(adapter)), self.boft_s[adapter]
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
@@ -238,7 +251,7 @@ class BOFTLinear(_BOFTLayer):
         scale = None
         for name in reversed(adapter_names):  # x M_k ... M_1, which equals merging adapter 1 first
             q = self.rotation_blocks(name, dropout=True)
-            z = butterfly.rotate(z, q)  # blocks stay >= fp32; rotate casts its result to x's dtype once
+            z = butterfly.rotate(z, q, plan=self.plan(name))  # blocks stay >= fp32; cast to x's dtype once
         for name in adapter_names:
             s = self._scale(name)
             scale = s if scale is None else scale * s
@@ -252,7 +265,8 @@ class BOFTLinear(_BOFTLayer):
         base = self.get_base_layer()
         names = list(groups)
         slots = sample_slots(self.sample_adapters, x.shape[0], names, x.device)
-        z = butterfly.rotate_per_sample(x, [self.rotation_blocks(n, dropout=True) for n in names], slots)
+        z = butterfly.rotate_per_sample(x, [self.rotation_blocks(n, dropout=True) for n in names], slots,
+                                        [self.plan(n) for n in names])
         ones = torch.ones(self.out_features, dtype=x.dtype, device=x.device)
         scale = torch.stack([self._scale(n).to(x.dtype) for n in names] + [ones]).index_select(0, slots)
         y = self.base_layer(z, *args, **kwargs)
@@ -272,6 +286,9 @@ class BOFTConv2d(_BOFTLayer):
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
         weight = self.rotated_weight(adapter_names, base.weight, dropout=True).to(base.weight.dtype)
+        # Private API: ``Conv2d._conv_forward(x, weight, bias)`` runs the convolution with every setting of
+        # the base layer (padding_mode included) on another weight; the public F.conv2d has no padding_mode
+        # and torch.func.functional_call would run the base layer's hooks. tests/test_private_api.py checks it.
         return base._conv_forward(x, weight, base.bias)
 
 
@@ -303,3 +320,4 @@ class BOFTModel(AdapterModel):
                 config.boft_n_butterfly_factor, m, m,
             )
             config.boft_n_butterfly_factor = m
+

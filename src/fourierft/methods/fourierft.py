@@ -16,7 +16,6 @@ builds the ``d_out x d_in`` matrix; merging adds the dense :math:`\Delta W` once
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import re
@@ -28,7 +27,7 @@ from torch import nn
 from torch.nn.modules import module as _module_registry  # the global hook dicts
 
 from ..config import TunerConfig, register_config
-from ..layer import AdapterLayer, sample_slots
+from ..layer import AdapterLayer, SharedPlans, sample_slots
 from ..ops import spectral
 from ..tuner import AdapterModel
 
@@ -125,7 +124,12 @@ _FUSABLE = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose."""
+    """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose.
+
+    Private API: torch has no public way to ask whether a module (or the global registry filled by
+    ``register_module_forward_hook`` and friends) holds hooks; these dicts are where ``Module.__call__``
+    itself looks. tests/test_private_api.py fails loudly if they are renamed.
+    """
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
            getattr(module, "_backward_pre_hooks", None))
     shared = (getattr(_module_registry, name, None) for name in (
@@ -137,7 +141,6 @@ def _has_hooks(module: nn.Module) -> bool:
 PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
 
 
-@functools.lru_cache(maxsize=None)
 def frequency_positions(key: PlanKey) -> torch.Tensor:
     """``(2, n)`` positions of ``key`` (PEFT's ``randperm`` draw, or the band-biased one), on the CPU."""
     d_out, d_in, n, seed, band = key
@@ -147,20 +150,17 @@ def frequency_positions(key: PlanKey) -> torch.Tensor:
         return spectral.band_frequency_indices(d_out, d_in, n, seed, band[0], band[1])
 
 
-_PLANS: dict[tuple, spectral.SpectralPlan] = {}
+#: Positions (CPU) and plans (per device) shared by every live layer and adapter with the same shape, count
+#: and seed (PEFT uses one seed for all layers, so usually one per shape): an adapter's own memory is then
+#: just its ``n`` coefficients. Weak references only: deleting the models frees them.
+_POSITIONS = SharedPlans()
+_PLANS = SharedPlans()
 
 
-def shared_plan(key: PlanKey, device: torch.device) -> spectral.SpectralPlan:
-    """The gather/scatter plan of ``key`` on ``device``, built once and shared by every layer and adapter
-    with the same shape, count and seed (PEFT uses one seed for all layers, so usually one per shape).
-    An adapter's own memory is then just its ``n`` coefficients."""
-    cache_key = (key, str(device))
-    plan = _PLANS.get(cache_key)
-    if plan is None:
-        with torch.device("cpu"):
-            plan = spectral.make_spectral_plan(frequency_positions(key), key[0], key[1])
-        plan = _PLANS[cache_key] = plan.to(device)
-    return plan
+def _build_plan(positions: torch.Tensor, key: PlanKey, device: torch.device) -> spectral.SpectralPlan:
+    with torch.device("cpu"):
+        plan = spectral.make_spectral_plan(positions, key[0], key[1])
+    return plan.to(device)
 
 
 class FourierFTLinear(AdapterLayer):
@@ -168,7 +168,7 @@ class FourierFTLinear(AdapterLayer):
 
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
-                         "fourierft_plan_key")
+                         "fourierft_plan_key", "_positions", "_plans")
     #: ``(d_in, d_out, is_conv1d)`` of the base layer: the shape of the weight ``dW`` is defined on.
     layer_shape = staticmethod(_features)
 
@@ -187,6 +187,8 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_scaling: dict[str, float] = {}
         self.fourierft_random_loc_seed: dict[str, int] = {}
         self.fourierft_plan_key: dict[str, PlanKey] = {}  # positions are rebuilt from these, never saved
+        self._positions: dict[str, torch.Tensor] = {}  # (2, n) on the CPU, shared through _POSITIONS
+        self._plans: dict[str, spectral.SpectralPlan] = {}  # on the adapter's device, rebuilt after a move
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -205,7 +207,7 @@ class FourierFTLinear(AdapterLayer):
         self.check_target(self, config, key)
         band = tuple(config.frequency_band) if config.frequency_band is not None else None
         key = (self.out_features, self.in_features, n, config.random_loc_seed, band)
-        frequency_positions(key)  # computed now: a bad value fails before anything is created
+        positions = _POSITIONS.get(key, lambda: frequency_positions(key))  # a bad value fails before any change
         spectrum = torch.randn(n)  # drawn even when zeroed below, to keep PEFT's RNG stream
         if config.init_weights:
             spectrum = torch.zeros_like(spectrum)
@@ -214,33 +216,35 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_scaling[adapter_name] = float(config.scaling)
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
         self.fourierft_plan_key[adapter_name] = key
+        self._positions[adapter_name] = positions
+        self._plans.pop(adapter_name, None)
 
     def plan(self, adapter_name: str) -> spectral.SpectralPlan:
-        """The adapter's gather/scatter plan on the adapter's device (cached, shared across layers)."""
-        return shared_plan(self.fourierft_plan_key[adapter_name], self.fourierft_spectrum[adapter_name].device)
+        """The adapter's gather/scatter plan on the device of its spectrum (shared with same-shape layers).
 
-    def _build_plans(self) -> None:
-        """Build the plans for the adapters' device now, so that a torch.compile'd forward only looks them up."""
-        for name, spectrum in self.fourierft_spectrum.items():
-            if spectrum.device.type != "meta":
-                self.plan(name)
+        After the model moves (``.to()``), the first call builds the plan for the new device; the layer then
+        holds that one only. Dtype changes (``.half()``) leave plans alone: they stay float32 and int64.
+        """
+        plan = self._plans.get(adapter_name)
+        device = self.fourierft_spectrum[adapter_name].device
+        if plan is None or plan.in_bins.device != device:
+            key, positions = self.fourierft_plan_key[adapter_name], self._positions[adapter_name]
+            plan = self._plans[adapter_name] = _PLANS.get(
+                (key, str(device)), lambda: _build_plan(positions, key, device))
+        return plan
 
     def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._move_adapter(adapter_name, autocast_adapter_dtype)
-        self._build_plans()
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: the plans follow the device
-        module = super()._apply(fn, recurse)
-        self._build_plans()
-        return module
+        if self.fourierft_spectrum[adapter_name].device.type != "meta":
+            self.plan(adapter_name)  # built now, so that a torch.compile'd forward only looks it up
 
     @property
     def indices(self) -> dict[str, torch.Tensor]:
-        """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter."""
-        return {name: frequency_positions(key) for name, key in self.fourierft_plan_key.items()}
+        """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter, on the CPU."""
+        return dict(self._positions)
 
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
-        return [frequency_positions(self.fourierft_plan_key[adapter_name])]
+        return [self._positions[adapter_name]]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` of adapter ``adapter`` (merging only)."""

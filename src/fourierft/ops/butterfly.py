@@ -16,8 +16,9 @@ from ``Q`` and applies them with one batched matmul; for wide ``L`` it applies t
 
 from __future__ import annotations
 
-import functools
 import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -33,6 +34,8 @@ __all__ = [
     "rotate_transpose",
     "dense_rotation",
     "multiplicative_dropout",
+    "ButterflyPlan",
+    "make_butterfly_plan",
     "prepare",
     "scale_output",
 ]
@@ -224,10 +227,10 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, ctx.saved_tensors[0]), None, None
 
 
-Plan = tuple  # m + 1 gathers, each None (identity) or (index, inverse index)
+Gathers = tuple  # m + 1 gathers, each None (identity) or (index, inverse index)
 
 
-def _gather_plan(perms: torch.Tensor) -> Plan:
+def _gathers(perms: torch.Tensor) -> Gathers:
     """Gathers for ``z M``: before factors ``m-1, ..., 0``, then after factor 0.
 
     ``z B_i = ((z P_i) blockdiag(Q_i)) P_i^T`` with ``z P_i = z[:, inv_i]`` and ``z P_i^T = z[:, perm_i]``;
@@ -240,35 +243,6 @@ def _gather_plan(perms: torch.Tensor) -> Plan:
     return tuple(None if torch.equal(g, ident) else (g, torch.argsort(g)) for g in plan)
 
 
-def _memo(fn):
-    """``functools.lru_cache`` that torch.compile can see through.
-
-    Dynamo ignores ``lru_cache`` and traces the wrapped function on every call (graph breaks at
-    ``_gather_plan``'s data-dependent checks); a hit in a plain dict is a constant lookup for it.
-    """
-    cache: dict = {}
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        key = tuple(str(a) if isinstance(a, torch.device) else a for a in args)
-        if key not in cache:
-            cache[key] = fn(*args)
-        return cache[key]
-
-    wrapper.cache_clear = cache.clear
-    return wrapper
-
-
-@_memo
-def _butterfly_plan(n: int, num: int, size: int, m: int, device: torch.device) -> tuple[Plan, Plan]:
-    """Gather plans ``(for M, for M^T)`` of the butterfly permutations, built on CPU (no device sync)."""
-    perms = butterfly_permutations(n, num, size, m)
-    move = lambda plan: tuple(g and (g[0].to(device), g[1].to(device)) for g in plan)  # noqa: E731
-    logger.debug("BOFT n=%d b=%d m=%d: rotation block width %d", n, size, m, _fused_width(n, size, m) or n)
-    return move(_gather_plan(perms)), move(_gather_plan(perms.flip(0)))
-
-
-@_memo
 def _group_positions(size: int, width: int, device: torch.device) -> torch.Tensor:
     """Flat positions of block ``k``'s entry ``(a, c)``, i.e. ``(k b + a, k b + c)``, in a width group."""
     k = torch.arange(width // size)[:, None, None] * size
@@ -276,7 +250,6 @@ def _group_positions(size: int, width: int, device: torch.device) -> torch.Tenso
     return ((k + a[:, None]) * width + k + a).reshape(-1).to(device)
 
 
-@_memo
 def _embedding(n: int, num: int, size: int, m: int, width: int, device: torch.device) -> torch.Tensor:
     """Flat positions ``(m, g b b)`` of each ``Q_i`` entry in a ``width x width`` window of ``B_i``.
 
@@ -303,24 +276,73 @@ def _fused_width(n: int, size: int, m: int) -> int:
     return _group_width(n, width)
 
 
-def prepare(num: int, size: int, m: int, device: torch.device | str) -> None:
-    """Build the cached index tensors of a geometry on ``device`` now, outside any torch.compile trace."""
+@dataclass(frozen=True, eq=False)
+class ButterflyPlan:
+    """The index tensors of one geometry ``(N, b, m)`` on one device: derived from it alone, never saved.
+
+    Build it once with :func:`make_butterfly_plan` and pass it to :func:`rotate` and friends; without
+    one they build it on every call. It holds no state besides these tensors.
+
+    Attributes:
+        num, size, m: ``N``, ``b`` and ``m``.
+        gathers: ``(for M, for M^T)``: ``m + 1`` gathers each, ``None`` (identity) or ``(index, inverse)``.
+        group_positions: Where narrow blocks go when grouped up to a wider bmm (``None``: not grouped).
+        embedding: Where each ``Q_i`` entry goes in a fused window (``None``: not built by a chain of bmms).
+    """
+
+    num: int
+    size: int
+    m: int
+    gathers: tuple[Gathers, Gathers]
+    group_positions: Optional[torch.Tensor]
+    embedding: Optional[torch.Tensor]
+    device: torch.device
+
+    def check(self, q: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``q`` (``(m, N, b, b)``) is not of this plan's geometry or device."""
+        if tuple(q.shape[:3]) != (self.m, self.num, self.size) or q.device != self.device:
+            raise ValueError(f"The butterfly plan is for Q of shape {(self.m, self.num, self.size, self.size)} on "
+                             f"{self.device}, got {tuple(q.shape)} on {q.device}")
+
+
+def make_butterfly_plan(num: int, size: int, m: int, device: torch.device | str = "cpu") -> ButterflyPlan:
+    """Build the :class:`ButterflyPlan` of ``N = num`` blocks of size ``b = size`` and ``m`` factors.
+
+    The permutations are computed on the CPU (no device synchronisation) and moved to ``device``.
+    """
     device, n = torch.device(device), num * size
-    _butterfly_plan(n, num, size, m, device)
-    if _group_width(n, size) != size:
-        _group_positions(size, _group_width(n, size), device)
+    perms = butterfly_permutations(n, num, size, m)
+    move = lambda gathers: tuple(g and (g[0].to(device), g[1].to(device)) for g in gathers)  # noqa: E731
     width = _fused_width(n, size, m)
-    if width and width <= _CHAIN_MAX_WIDTH:
-        _embedding(n, num, size, m, width, device)
+    logger.debug("BOFT n=%d b=%d m=%d: rotation block width %d", n, size, m, width or n)
+    group = _group_width(n, size)
+    return ButterflyPlan(
+        num=num, size=size, m=m, gathers=(move(_gathers(perms)), move(_gathers(perms.flip(0)))),
+        group_positions=_group_positions(size, group, device) if group != size else None,
+        embedding=_embedding(n, num, size, m, width, device) if width and width <= _CHAIN_MAX_WIDTH else None,
+        device=device,
+    )
 
 
-def _grouped(q: torch.Tensor, width: int) -> torch.Tensor:
+def prepare(num: int, size: int, m: int, device: torch.device | str) -> ButterflyPlan:
+    """Earlier name of :func:`make_butterfly_plan`."""
+    return make_butterfly_plan(num, size, m, device)
+
+
+def _plan_for(q: torch.Tensor, plan: Optional[ButterflyPlan]) -> ButterflyPlan:
+    if plan is None:
+        return make_butterfly_plan(q.shape[1], q.shape[2], q.shape[0], q.device)
+    plan.check(q)
+    return plan
+
+
+def _grouped(q: torch.Tensor, width: int, positions: Optional[torch.Tensor]) -> torch.Tensor:
     """``(N, b, b)`` blocks regrouped as the same block diagonal in ``(N b / width, width, width)``."""
     num, size, _ = q.shape
     if width == size:
         return q
     flat = q.reshape(num * size // width, -1)
-    pos = _group_positions(size, width, q.device)
+    pos = positions
     return q.new_zeros(flat.shape[0], width * width).index_copy(1, pos, flat).view(-1, width, width)
 
 
@@ -330,7 +352,8 @@ def _block_matmul(z: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(z.view(t, k, w).transpose(0, 1), blocks).transpose(0, 1).reshape(t, k * w)
 
 
-def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: Plan) -> torch.Tensor:
+def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, gathers: Gathers,
+                       positions: Optional[torch.Tensor]) -> torch.Tensor:
     """``z M`` factor by factor (``m-1`` first) with at most ``m + 1`` gathers and ``m`` bmms.
 
     Works on ``z^T`` ``(n, T)``: column permutations become contiguous row gathers, and
@@ -342,13 +365,13 @@ def _rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: Plan) -> torch.Te
     width = _group_width(n, size)
     zt = z.t()
     for step in range(m):
-        if plan[step] is not None:
-            zt = _PermuteRows.apply(zt, *plan[step])
-        zt = torch.bmm(_grouped(q[m - 1 - step], width).mT, zt.reshape(n // width, width, t)).view(n, t)
-    return (zt if plan[m] is None else _PermuteRows.apply(zt, *plan[m])).t()
+        if gathers[step] is not None:
+            zt = _PermuteRows.apply(zt, *gathers[step])
+        zt = torch.bmm(_grouped(q[m - 1 - step], width, positions).mT, zt.reshape(n // width, width, t)).view(n, t)
+    return (zt if gathers[m] is None else _PermuteRows.apply(zt, *gathers[m])).t()
 
 
-def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
+def _fused_blocks(q: torch.Tensor, width: int, plan: ButterflyPlan) -> torch.Tensor:
     """``M``'s diagonal blocks ``(n / width, width, width)`` for the butterfly permutations.
 
     Up to ``_CHAIN_MAX_WIDTH``: embed each ``Q_i`` as the windows of ``B_i`` (one ``index_copy``) and
@@ -358,18 +381,19 @@ def _fused_blocks(q: torch.Tensor, width: int) -> torch.Tensor:
     m, num, size, _ = q.shape
     n, windows = num * size, num * size // width
     if width <= _CHAIN_MAX_WIDTH:
-        pos, flat = _embedding(n, num, size, m, width, q.device), q.reshape(m, windows, -1)
+        pos, flat = plan.embedding, q.reshape(m, windows, -1)
         factors = [q.new_zeros(windows, width * width).index_copy(1, pos[i], flat[i]) for i in range(m)]
         blocks = factors[m - 1].view(windows, width, width)
         for i in range(m - 2, -1, -1):
             blocks = torch.bmm(blocks, factors[i].view(windows, width, width))
         return blocks
     tile_t = torch.eye(width, dtype=q.dtype, device=q.device).repeat(windows, 1)  # (n, width)
-    blocks_t = _rotate_by_factors(tile_t.t(), q, _butterfly_plan(n, num, size, m, q.device)[0]).t()
+    blocks_t = _rotate_by_factors(tile_t.t(), q, plan.gathers[0], plan.group_positions).t()
     return blocks_t.reshape(windows, width, width).mT
 
 
-def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpose: bool,
+           plan: Optional[ButterflyPlan]) -> torch.Tensor:
     if q.dim() != 4 or q.shape[-1] != q.shape[-2]:
         raise ValueError(f"Q must have shape (m, N, b, b), got {tuple(q.shape)}.")
     m, num, size, _ = q.shape
@@ -380,19 +404,24 @@ def _apply(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None, transpo
         raise ValueError(f"perms must have shape {(m, n)} to match Q, got {tuple(perms.shape)}.")
     z = x.reshape(-1, n)
     width = _fused_width(n, size, m) if perms is None else 0
+    if perms is None:
+        plan = _plan_for(q, plan)
     if width:
-        blocks = _fused_blocks(q, width).to(x.dtype)
+        blocks = _fused_blocks(q, width, plan).to(x.dtype)
         return _block_matmul(z, blocks.mT if transpose else blocks).view(x.shape)
     if perms is None:
-        plan = _butterfly_plan(n, num, size, m, x.device)[int(transpose)]
+        gathers, positions = plan.gathers[int(transpose)], plan.group_positions
     else:
-        plan = _gather_plan(perms.flip(0) if transpose else perms)
+        gathers = _gathers(perms.flip(0) if transpose else perms)
+        width = _group_width(n, size)
+        positions = _group_positions(size, width, x.device) if width != size else None
     # M^T = B_0^T ... B_{m-1}^T: the same algorithm with the factors reversed and the blocks transposed.
     q = q.flip(0).mT if transpose else q
-    return _rotate_by_factors(z, q.to(x.dtype), plan).reshape(x.shape)
+    return _rotate_by_factors(z, q.to(x.dtype), gathers, positions).reshape(x.shape)
 
 
-def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None,
+           plan: Optional[ButterflyPlan] = None) -> torch.Tensor:
     """Rotate row vectors: ``x M`` with ``M = B_{m-1} ... B_0`` and ``B_i = P_i blockdiag(Q_i) P_i^T``.
 
     Never builds an ``n x n`` matrix; differentiable with plain autograd. Paths:
@@ -406,14 +435,17 @@ def rotate(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) 
         x: Input ``(..., n)``: any rank and layout, any number of rows (0 included).
         q: Orthogonal blocks ``(m, N, b, b)``, usually ``cayley(boft_R)``; cast to ``x.dtype``.
         perms: ``(m, n)`` permutations; ``None`` (fast) means the standard butterfly ones.
+        plan: The standard permutations' :class:`ButterflyPlan` for ``q``'s geometry and device (built
+            here when ``None``; a layer keeps its own).
 
     Returns:
         ``x M``, shaped and typed like ``x`` (possibly a non-contiguous view).
     """
-    return _apply(x, q, perms, transpose=False)
+    return _apply(x, q, perms, transpose=False, plan=plan)
 
 
-def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tensor,
+                      plans: Optional[Sequence[ButterflyPlan]] = None) -> torch.Tensor:
     """Mixed-adapter batch: sample ``s`` of ``x`` rotated by adapter ``slots[s]`` (``len(qs)``: unrotated).
 
     When the adapters share one geometry and :func:`rotate` would use fused diagonal blocks, each
@@ -425,10 +457,12 @@ def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tens
         x: input ``(S, ..., n)``; dimension 0 indexes samples.
         qs: one ``(m, N, b, b)`` block tensor per adapter.
         slots: int64 ``(S,)``, on ``x``'s device.
+        plans: One :class:`ButterflyPlan` per adapter (built here when ``None``).
 
     Returns:
         Tensor shaped and typed like ``x``.
     """
+    plans = [_plan_for(q, None if plans is None else plans[k]) for k, q in enumerate(qs)]
     n = x.shape[-1]
     shapes = {tuple(q.shape) for q in qs}
     if len(shapes) == 1:
@@ -436,7 +470,7 @@ def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tens
         width = _fused_width(n, size, m) if num * size == n else 0
         if width:
             windows, samples = n // width, x.shape[0]
-            blocks = [_fused_blocks(q, width).to(x.dtype) for q in qs]
+            blocks = [_fused_blocks(q, width, plan).to(x.dtype) for q, plan in zip(qs, plans)]
             eye = torch.eye(width, dtype=x.dtype, device=x.device).expand(windows, width, width)
             per_sample = torch.stack(blocks + [eye]).index_select(0, slots)  # (S, windows, w, w)
             z = x.reshape(samples, -1, windows, width).transpose(1, 2)  # (S, windows, T, w)
@@ -446,30 +480,33 @@ def rotate_per_sample(x: torch.Tensor, qs: list[torch.Tensor], slots: torch.Tens
     for k, q in enumerate(qs):
         index = (slots == k).nonzero().flatten()
         if index.numel():
-            out = out.index_copy(0, index, rotate(x.index_select(0, index), q))
+            out = out.index_copy(0, index, rotate(x.index_select(0, index), q, plan=plans[k]))
     return out
 
 
-def rotate_transpose(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
+def rotate_transpose(x: torch.Tensor, q: torch.Tensor, perms: torch.Tensor | None = None,
+                     plan: Optional[ButterflyPlan] = None) -> torch.Tensor:
     """``x M^T`` (the inverse rotation); arguments and cost as :func:`rotate`.
 
     Merging: ``W' = diag(s) W M^T = s * rotate_transpose(W, Q)``; unmerging: ``W = rotate(W', Q) / s``.
     """
-    return _apply(x, q, perms, transpose=True)
+    return _apply(x, q, perms, transpose=True, plan=plan)
 
 
-def dense_rotation(q: torch.Tensor, perms: torch.Tensor | None = None) -> torch.Tensor:
+def dense_rotation(q: torch.Tensor, perms: torch.Tensor | None = None,
+                   plan: Optional[ButterflyPlan] = None) -> torch.Tensor:
     """The ``(n, n)`` matrix ``M`` (PEFT's ``get_delta_weight``; the only place it is built).
 
     Args:
         q: Blocks ``(m, N, b, b)``.
         perms: ``(m, n)`` permutations; ``None`` means the standard butterfly ones.
+        plan: As for :func:`rotate`.
 
     Returns:
         Contiguous ``M`` in ``q``'s dtype, ``rotate(x, q, perms) == x @ M``; ``blockdiag(Q_0)`` if ``m = 1``.
     """
     eye = torch.eye(q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-    return _apply(eye, q, perms, transpose=False).contiguous()
+    return _apply(eye, q, perms, transpose=False, plan=plan).contiguous()
 
 
 class _ScaleShift(torch.autograd.Function):

@@ -131,7 +131,7 @@ def get_peft_model_state_dict(
         unwrap_compiled: Look through a ``torch.compile`` wrapper.
         save_embedding_layers: Accepted for PEFT compatibility; these methods never adapt embeddings.
     """
-    if unwrap_compiled:
+    if unwrap_compiled:  # torch.compile's wrapper keeps the module as ``_orig_mod``, its only handle to it
         model = getattr(model, "_orig_mod", model)
     full = model.state_dict() if state_dict is None else state_dict
     out = {}
