@@ -15,7 +15,8 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import PeftConfig, PeftType, TaskType, get_peft_config
+from .config import PeftConfig, PeftType, TaskType, TunerConfig, get_peft_config
+from .contract import register_method
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .integrations.optim import adapter_param_groups
@@ -41,7 +42,8 @@ from .serialization.state_dict import (
     set_peft_model_state_dict,
 )
 from .serialization.tensors import CheckpointError
-from .tuner import NoMatchingPeftModuleError, PeftError
+from .tuner import AdapterModel, NoMatchingPeftModuleError, PeftError
+from . import checkpoint, io  # noqa: F401  earlier module paths, kept as re-export shims
 
 __all__ = [
     "__version__",
@@ -53,6 +55,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdapterLayer",
+    "AdapterModel",
     "AdapterTrainer",
     "BOFTConfig",
     "BOFTConv2d",
@@ -78,6 +81,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "TunerConfig",
     "TunerLayerStatus",
     "TunerModelStatus",
     "adapter_param_groups",
@@ -91,6 +95,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_hotswap",
+    "register_method",
     "set_base_model_state_dict",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",

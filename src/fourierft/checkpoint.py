@@ -4,9 +4,9 @@ Kept so that ``from fourierft.checkpoint import ...`` written for earlier versio
 """
 
 from .serialization.folders import atomic_write_dir
+from .contract import legacy_ignored_suffixes
 from .serialization.state_dict import (
     FINGERPRINT_KEY,
-    LEGACY_IGNORED_SUFFIXES,
     PEFT_PREFIX,
     LoadResult,
     adapter_key_map,
@@ -32,3 +32,9 @@ __all__ = [
     "get_base_model_state_dict", "get_peft_model_state_dict", "load_tensors", "save_tensors",
     "set_base_model_state_dict", "set_peft_model_state_dict", "tensors_checksum",
 ]
+
+
+def __getattr__(name: str):
+    if name == "LEGACY_IGNORED_SUFFIXES":  # now registered per method
+        return legacy_ignored_suffixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

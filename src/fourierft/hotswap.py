@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
+from .contract import legacy_ignored_suffixes
 from .layer import AdapterLayer
 from .methods.boft import BOFTConfig, _BOFTLayer
 from .methods.fourierft import FourierFTConfig, FourierFTLinear
@@ -225,7 +226,7 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
         params = dict(layer.adapter_parameters(adapter_name))
         plan.extend((params[attr], values[attr]) for attr in attrs)
     plan.extend(_other_tensors(model, adapter_name, sd, layer_keys, used))
-    unexpected = sorted(k for k in sd if k not in used and not k.endswith(ckpt.LEGACY_IGNORED_SUFFIXES))
+    unexpected = sorted(k for k in sd if k not in used and not k.endswith(legacy_ignored_suffixes()))
     if unexpected:
         raise HotswapError(
             f"The new adapter has tensors the model's adapter {adapter_name!r} has no place for (different "

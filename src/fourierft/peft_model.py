@@ -20,7 +20,8 @@ from . import quantized
 from .config import PeftConfig, PeftType, _as_peft_type
 from .hotswap import hotswap_adapter as _hotswap_adapter
 from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
-from .methods import MODEL_CLASSES
+from .contract import tuner_class
+from .methods import MODEL_CLASSES  # noqa: F401  (imported for its side effect: the methods register)
 from .serialization.folders import load_config, load_weights_file, save_adapters
 from .serialization.modelcard import write_model_card
 from .serialization.state_dict import (
@@ -36,12 +37,7 @@ from .tuner import AdapterModel, check_adapter_name
 logger = logging.getLogger(__name__)
 
 
-def _tuner_class(config: PeftConfig) -> type[AdapterModel]:
-    if not isinstance(config, PeftConfig):
-        raise TypeError(f"Expected a fourierft PeftConfig (e.g. FourierFTConfig), got {type(config).__name__}")
-    if config.peft_type not in MODEL_CLASSES:
-        raise ValueError(f"peft_type {config.peft_type!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
-    return MODEL_CLASSES[config.peft_type]
+_tuner_class = tuner_class  # earlier private name
 
 
 class PeftModel(nn.Module):
@@ -74,7 +70,7 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         check_adapter_name(adapter_name)
-        tuner_cls = _tuner_class(peft_config)
+        tuner_cls = tuner_class(peft_config)
         self._adapters_disabled = False
         self.base_model = tuner_cls(model, {adapter_name: self._with_task_modules(peft_config)}, adapter_name,
                                     low_cpu_mem_usage, autocast_adapter_dtype)
@@ -185,7 +181,7 @@ class PeftModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name} already exists.")
-        _tuner_class(peft_config)
+        tuner_class(peft_config)
         self.base_model.inject_adapter(self.base_model.model, adapter_name, self._with_task_modules(peft_config),
                                        autocast_adapter_dtype, low_cpu_mem_usage)
 
@@ -412,7 +408,7 @@ class PeftModel(nn.Module):
 def _read_weights(model_id: str, config: PeftConfig, **kwargs) -> tuple[dict, dict]:
     """Read the weights file and let the method adapt the config to it (e.g. BOFT's factor count)."""
     tensors, metadata = load_weights_file(model_id, **kwargs)
-    _tuner_class(config).config_from_weights(config, tensors)
+    tuner_class(config).config_from_weights(config, tensors)
     return tensors, metadata
 
 
@@ -479,7 +475,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if mixed:
         raise ValueError(f"{peft_config.peft_type} does not support mixed adapter models (mixed=True)")
-    _tuner_class(peft_config)
+    tuner_class(peft_config)
     peft_config = copy.deepcopy(peft_config)  # the model's own copy; the caller's object is never changed
     name = getattr(model, "name_or_path", None)
     peft_config.base_model_name_or_path = name or None
@@ -496,7 +492,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     Args:
         state_dict: If given, target exactly the modules that have adapter tensors in it.
     """
-    tuner_cls = _tuner_class(peft_config)
+    tuner_cls = tuner_class(peft_config)
     if state_dict is not None:
         peft_config = copy.deepcopy(peft_config)
         marker = "." + tuner_cls.prefix

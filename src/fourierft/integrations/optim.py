@@ -18,14 +18,10 @@ from typing import Optional
 
 from torch import nn
 
+from ..contract import DEFAULT_ADAPTER_LR, type_string
 from ..layer import AdapterLayer
 
 logger = logging.getLogger(__name__)
-
-#: Learning rate for a method's adapter tensors when none is given (``AdapterTrainer``). FourierFT: the
-#: official GLUE and instruction-tuning scripts use 0.05 to 0.12 with scaling 29 to 300. Methods not listed
-#: train their adapters at ``TrainingArguments.learning_rate``.
-DEFAULT_ADAPTER_LR: dict[str, float] = {"FOURIERFT": 5e-2}
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
@@ -96,11 +92,12 @@ def adapter_param_groups(
 
 
 def resolve_adapter_lr(model: nn.Module, adapter_lr: Optional[float], fallback: float) -> float:
-    """``adapter_lr`` if given, else the default of the model's method (:data:`DEFAULT_ADAPTER_LR`), else
+    """``adapter_lr`` if given, else the default its method registered (``default_adapter_lr`` of
+    :func:`~fourierft.contract.register_method`, kept in :data:`~fourierft.contract.DEFAULT_ADAPTER_LR`), else
     ``fallback``."""
     if adapter_lr is not None:
         return adapter_lr
     configs = getattr(model, "peft_config", None) or {}
-    types = {getattr(c.peft_type, "value", c.peft_type) for c in configs.values()}
+    types = {type_string(c.peft_type) for c in configs.values()}
     defaults = [DEFAULT_ADAPTER_LR[t] for t in types if t in DEFAULT_ADAPTER_LR]
     return defaults[0] if len(defaults) == 1 and len(types) == 1 else fallback

@@ -85,7 +85,7 @@ class AdapterTrainer(Trainer):
     Args:
         *args: As ``transformers.Trainer``.
         adapter_lr: Learning rate of the adapter tensors. Default: the method's entry in
-            :data:`~fourierft.integrations.optim.DEFAULT_ADAPTER_LR` (FourierFT: ``5e-2``, as in the paper's
+            :data:`~fourierft.contract.DEFAULT_ADAPTER_LR` (FourierFT: ``5e-2``, as in the paper's
             scripts), else ``args.learning_rate``.
         head_lr: Learning rate of the other trainable tensors (head, ``modules_to_save``, biases).
             Default: ``args.learning_rate``.

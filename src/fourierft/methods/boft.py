@@ -25,7 +25,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..config import TunerConfig, register_config
+from ..config import TunerConfig
+from ..contract import register_method
 from ..layer import AdapterLayer, SharedPlans, sample_slots
 from ..ops import butterfly
 from ..tuner import AdapterModel
@@ -33,7 +34,6 @@ from ..tuner import AdapterModel
 logger = logging.getLogger(__name__)
 
 
-@register_config
 @dataclasses.dataclass
 class BOFTConfig(TunerConfig):
     """Configuration of a BOFT adapter (PEFT's fields and defaults).
@@ -50,8 +50,6 @@ class BOFTConfig(TunerConfig):
         init_weights: ``True`` (default) starts from the identity rotation and unit scale; ``False``
             draws ``R ~ N(0, 0.1)`` and ``s ~ N(1, 0.1)``.
     """
-
-    PEFT_TYPE = "BOFT"
 
     boft_block_size: int = 4
     boft_block_num: int = 0
@@ -295,7 +293,6 @@ class BOFTConv2d(_BOFTLayer):
 class BOFTModel(AdapterModel):
     """Injects BOFT layers into ``nn.Linear`` and ``nn.Conv2d`` modules (PEFT's ``BOFTModel``)."""
 
-    peft_type = "BOFT"
     prefix = "boft_"
     layer_cls = BOFTLinear
     target_types = (nn.Linear, nn.Conv2d)
@@ -321,3 +318,6 @@ class BOFTModel(AdapterModel):
             )
             config.boft_n_butterfly_factor = m
 
+
+# PEFT < 0.13 saved the butterfly permutations as ``<layer>.boft_P``; they are rebuilt here, never loaded.
+register_method("BOFT", BOFTConfig, BOFTModel, legacy_ignored_suffixes=(".boft_P",))

@@ -6,7 +6,8 @@ PEFT's on-disk keys are the model's state-dict keys with the adapter name remove
 structurally, by walking the adapter layers and ``modules_to_save`` wrappers, never by substring.
 
 Loading is strict: every adapter tensor must be present with the right shape, and every key in the file
-must land somewhere, except for the legacy PEFT keys of :data:`LEGACY_IGNORED_SUFFIXES` and the biases and
+must land somewhere, except for the legacy PEFT keys each method registers (``legacy_ignored_suffixes`` of
+:func:`~fourierft.contract.register_method`) and the biases and
 heads older PEFT versions did not save (:func:`is_legacy_format`). Everything is checked before anything is
 written.
 """
@@ -22,6 +23,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..contract import legacy_ignored_suffixes
 from ..layer import AdapterLayer, ModulesToSaveWrapper
 from ..tuner import AdapterModel
 from .tensors import CheckpointError
@@ -29,8 +31,6 @@ from .tensors import CheckpointError
 logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-#: Keys written by old PEFT versions that carry no information we need (BOFT permutations, peft < 0.13).
-LEGACY_IGNORED_SUFFIXES = (".boft_P",)
 FINGERPRINT_KEY = "fourierft_derived_sha256"
 
 
@@ -194,7 +194,7 @@ def set_peft_model_state_dict(
     for key, value in sd.items():
         model_key = mapping[key][0] if key in mapping else (key if key in targets else None)
         if model_key is None or model_key not in targets:
-            if key.endswith(LEGACY_IGNORED_SUFFIXES):
+            if key.endswith(legacy_ignored_suffixes()):
                 result.unexpected_keys.append(key)
             else:
                 problems.append(f"unexpected key {key!r}")

@@ -1,0 +1,123 @@
+"""The method contract: the checks every method must pass, run on both built-in methods and on a toy
+third method registered from outside the package (``tests/toy_method.py``) with the documented API.
+
+Shared checks: identity at init (where the method promises it), merged equals unmerged, save then load
+reproduces the outputs (through the files and a fresh model), disabled gives the base output, only adapter
+tensors train; plus registration itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import toy_method
+from conftest import METHODS, MethodCase, build, make_inputs, model_output
+from fourierft import AdapterLayer, PeftConfig, PeftModel, get_peft_model, register_method
+from fourierft.contract import DEFAULT_ADAPTER_LR, METHODS as REGISTERED, MethodLayer, MethodTuner
+from fourierft.integrations.optim import resolve_adapter_lr
+
+#: Built-in methods plus the toy, with the init setting that makes each the identity.
+CASES = {**METHODS, "toyscale": MethodCase(toy_method.ToyScaleConfig, {"init_weights": False})}
+IDENTITY = {"fourierft": {"init_weights": True}, "boft": {"init_weights": True}, "toyscale": {"init_weights": True}}
+KINDS = {"mlp": ["lin0", "lin1"], "bert": ["query", "value"]}
+
+
+def adapted(method: str, kind: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    config = CASES[method].config(target_modules=KINDS[kind], **kwargs)
+    return get_peft_model(build(kind), config).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CASES)
+def test_identity_at_init(method, kind):
+    x = make_inputs(kind)
+    with torch.no_grad():
+        expected = model_output(build(kind), kind, x)
+        model = adapted(method, kind, **IDENTITY[method])
+        torch.testing.assert_close(model_output(model, kind, x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CASES)
+def test_merged_equals_unmerged_and_disabled_is_base(method, kind):
+    x = make_inputs(kind)
+    model = adapted(method, kind)
+    with torch.no_grad():
+        base = model_output(build(kind), kind, x)
+        unmerged = model_output(model, kind, x)
+        assert (unmerged - base).abs().max() > 1e-5  # the adapter does something
+        with model.disable_adapter():
+            torch.testing.assert_close(model_output(model, kind, x), base)
+        model.merge_adapter()
+        torch.testing.assert_close(model_output(model, kind, x), unmerged, atol=1e-4, rtol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model_output(model, kind, x), unmerged, atol=1e-4, rtol=1e-4)
+        plain = model.merge_and_unload(safe_merge=True)
+        assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+        torch.testing.assert_close(model_output(plain, kind, x), unmerged, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_save_then_load_reproduces_outputs(method, tmp_dir):
+    x = make_inputs("mlp")
+    model = adapted(method, "mlp", seed=3)
+    with torch.no_grad():
+        expected = model_output(model, "mlp", x)
+    model.save_pretrained(tmp_dir)
+    assert PeftConfig.from_pretrained(tmp_dir).peft_type == CASES[method].config_cls.PEFT_TYPE
+    loaded = PeftModel.from_pretrained(build("mlp"), tmp_dir)
+    assert type(loaded.peft_config["default"]) is CASES[method].config_cls
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(loaded, "mlp", x), expected)
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_only_adapter_tensors_train(method):
+    model = adapted(method, "mlp").train()
+    model_output(model, "mlp", make_inputs("mlp")).pow(2).mean().backward()
+    adapter = {id(t) for t in model.base_model.adapter_tensors()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(id(p) in adapter for n, p in model.named_parameters() if n in trainable)
+    prefix = model.base_model.prefix
+    assert all(n.rsplit(".", 2)[-2].startswith(prefix) for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_classes_follow_the_contract(method):
+    registered = REGISTERED[CASES[method].config_cls.PEFT_TYPE]
+    layer = next(m for m in adapted(method, "mlp").modules() if isinstance(m, AdapterLayer))
+    assert isinstance(layer, MethodLayer)
+    assert isinstance(registered.tuner_cls, MethodTuner)
+    assert registered.config_cls is CASES[method].config_cls
+
+
+def test_registration_feeds_every_registry():
+    model = adapted("toyscale", "mlp")
+    assert DEFAULT_ADAPTER_LR["TOYSCALE"] == 1e-2
+    assert resolve_adapter_lr(model, None, fallback=1.0) == 1e-2
+    config = PeftConfig.from_dict({"peft_type": "TOYSCALE", "target_modules": ["lin0"]})
+    assert isinstance(config, toy_method.ToyScaleConfig)
+    assert "toyscale_s" in type(model.base_model.model.lin0).adapter_layer_names
+
+
+def test_bad_registrations_are_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("TOYSCALE", toy_method.ToyScaleConfig, type("Other", (toy_method.ToyScaleModel,), {}))
+
+    class Unfinished(AdapterLayer):
+        adapter_layer_names = ("half_s",)
+
+    with pytest.raises(TypeError, match="does not implement"):
+        register_method("HALF", type("HalfConfig", (toy_method.ToyScaleConfig,), {}),
+                        type("HalfModel", (toy_method.AdapterModel,), {"prefix": "half_", "layer_cls": Unfinished,
+                                                                       "target_types": (nn.Linear,)}))
+    unprefixed = type("Unprefixed", (toy_method.ToyScaleLinear,), {"adapter_layer_names": ("scale",)})
+    with pytest.raises(ValueError, match="must start with the prefix"):
+        register_method("UNPREFIXED", type("UConfig", (toy_method.ToyScaleConfig,), {}),
+                        type("UModel", (toy_method.AdapterModel,), {"prefix": "u_", "layer_cls": unprefixed,
+                                                                    "target_types": (nn.Linear,)}))
+    assert not {"HALF", "UNPREFIXED"} & set(REGISTERED)
