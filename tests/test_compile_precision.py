@@ -19,22 +19,23 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from conftest import build, make_inputs
-from fourierft import BOFTConfig, FourierFTConfig, get_peft_model
+from conftest import METHODS as METHOD_TABLE, build, make_inputs
+from fourierft import get_peft_model
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+#: Adapters that start away from the identity, so every path carries a non-trivial contribution.
+SETTINGS = {
+    "fourierft": {"n_frequency": 40, "scaling": 20.0, "init_weights": False},
+    # b = 8, m = 2: on 16 features the rotation goes factor by factor, on 32 through the fused blocks
+    "boft": {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "init_weights": False},
+}
 
 
 def make_config(method: str, targets: list[str], **kwargs):
-    """Adapters that start away from the identity, so every path carries a non-trivial contribution."""
-    if method == "fourierft":
-        return FourierFTConfig(target_modules=targets, n_frequency=40, scaling=20.0, init_weights=False, **kwargs)
-    # b = 8, m = 2: on 16 features the rotation goes factor by factor, on 32 through the fused blocks
-    return BOFTConfig(target_modules=targets, boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False,
-                      **kwargs)
+    return METHOD_TABLE[method].config_cls(target_modules=targets, **SETTINGS[method], **kwargs)
 
 
-METHODS = ["fourierft", "boft"]
+METHODS = list(METHOD_TABLE)
 
 
 class Block(nn.Module):

@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_ddp.py"
-METHODS = ("fourierft", "boft")
+from conftest import METHODS as METHOD_TABLE  # noqa: E402
+
+METHODS = tuple(METHOD_TABLE)  # each one a --method of examples/train_ddp.py
 TORCHRUN_LAUNCHERS = ("ddp", "fsdp", "trainer")
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 TIMEOUT = 240  # per launch: a hung collective must fail the test, not the CI job

@@ -31,13 +31,10 @@ from fourierft import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from conftest import MLP, build
+from conftest import MLP, METHODS as METHOD_TABLE, build
 
 # ---------------------------------------------------------------------------------------------- helpers
-CONFIGS = {
-    "fourierft": lambda **kw: FourierFTConfig(**{"n_frequency": 6, **kw}),
-    "boft": lambda **kw: BOFTConfig(**{"boft_block_size": 2, "init_weights": False, **kw}),
-}
+CONFIGS = {name: case.config for name, case in METHOD_TABLE.items()}
 METHODS = list(CONFIGS)
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import fourierft
-from fourierft import BOFTConfig, FourierFTConfig
-from conftest import build, make_inputs
+from conftest import METHODS as METHOD_TABLE, build, make_inputs
 
+FourierFTConfig, BOFTConfig = METHOD_TABLE["fourierft"].config_cls, METHOD_TABLE["boft"].config_cls
+#: Adapter sets per method: ``factory(i, **kw)`` is adapter ``i``'s config.
 METHODS = {
     "fourierft": lambda i, **kw: FourierFTConfig(n_frequency=20 + i, random_loc_seed=i, init_weights=False, **kw),
     # same shape, n and seed: every adapter shares the positions, so a mixed batch takes one FFT pass

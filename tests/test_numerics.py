@@ -13,11 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from fourierft import BOFTConfig, FourierFTConfig, get_peft_model
+from conftest import METHODS as METHOD_TABLE
+from fourierft import get_peft_model
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOL = {torch.float16: 2e-2, torch.bfloat16: 8e-2, torch.float32: 1e-5, torch.float64: 1e-10}
-METHODS = ["fourierft", "boft"]
+#: Per method: settings for the 16 -> 24 -> 8 layers below (a method missing here fails loudly).
+SETTINGS = {
+    "fourierft": {"n_frequency": 20, "scaling": 20.0},
+    "boft": {"init_weights": False, "boft_block_size": 4, "boft_n_butterfly_factor": 2},
+}
+METHODS = list(METHOD_TABLE)
 D_IN = 16
 
 
@@ -25,11 +31,7 @@ def make(method: str, dtype: torch.dtype = torch.float32, seed: int = 0, **kwarg
     """Linear 16->24, tanh, Linear 24->8, both adapted, in ``dtype``."""
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(D_IN, 24), nn.Tanh(), nn.Linear(24, 8)).to(dtype)
-    if method == "fourierft":
-        config = FourierFTConfig(target_modules=["0", "2"], **{"n_frequency": 20, "scaling": 20.0, **kwargs})
-    else:
-        config = BOFTConfig(target_modules=["0", "2"], init_weights=False,
-                            **{"boft_block_size": 4, "boft_n_butterfly_factor": 2, **kwargs})
+    config = METHOD_TABLE[method].config_cls(target_modules=["0", "2"], **{**SETTINGS[method], **kwargs})
     return get_peft_model(base, config).eval()
 
 

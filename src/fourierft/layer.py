@@ -2,13 +2,11 @@
 
 :class:`AdapterLayer` wraps a frozen ``base_layer`` and keeps, per adapter name, the method's tensors in
 ``ParameterDict``s named in ``adapter_layer_names`` (these are the trainable, saved tensors). It owns the
-bookkeeping every method shares: active adapters, enable/disable, merge/unmerge, delete. A method
-subclass supplies four things:
+bookkeeping every method shares: active adapters, enable/disable, merge/unmerge, delete, mixed batches. What a
+method subclass supplies (four required hooks, five optional ones) is written down, with the glossary, in
+:class:`fourierft.contract.MethodLayer`.
 
-* ``update_layer(adapter_name, config, **kwargs)``: create the adapter's tensors;
-* ``adapter_forward(x, adapter_names, *args, **kwargs)``: the unmerged output with those adapters;
-* ``merged_weight(adapter_name, weight)`` / ``unmerged_weight(adapter_name, weight)``: fold the adapter
-  into, or out of, a copy of the base weight.
+:class:`SharedPlans` lets live layers of one shape share their plans (derived tensors) without a global cache.
 
 :class:`ModulesToSaveWrapper` keeps a trainable copy of a whole module per adapter (``modules_to_save``).
 """
@@ -86,18 +84,20 @@ class AdapterLayer(nn.Module):
         first = getattr(self, self.adapter_layer_names[0])
         return list(first.keys())
 
-    def adapter_parameters(self, adapter_name: str) -> Iterable[tuple[str, nn.Parameter]]:
-        """``(attribute, parameter)`` pairs of one adapter."""
+    def named_adapter_tensors(self, adapter_name: str) -> Iterable[tuple[str, nn.Parameter]]:
+        """``(attribute, tensor)`` pairs of one adapter's adapter tensors on this layer (``adapter_layer_names``)."""
         for attr in self.adapter_layer_names:
             params = getattr(self, attr)
             if adapter_name in params:
                 yield attr, params[adapter_name]
 
+    adapter_parameters = named_adapter_tensors  # earlier name
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activate ``adapter_names``; their tensors train unless ``inference_mode``, all others are frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names():
-            for _, p in self.adapter_parameters(name):
+            for _, p in self.named_adapter_tensors(name):
                 p.requires_grad_(name in names and not inference_mode)
         self._active_adapters = [n for n in names if n in self.adapter_names()]
 
@@ -238,7 +238,7 @@ class AdapterLayer(nn.Module):
         The round trip through the base dtype reproduces PEFT's initial values exactly.
         """
         weight = self.get_base_layer().weight
-        for _, param in self.adapter_parameters(adapter_name):
+        for _, param in self.named_adapter_tensors(adapter_name):
             if param.device.type == "meta":  # to be filled by loading: give the placeholder the final dtype
                 dtype = weight.dtype if weight.dtype.is_floating_point else param.dtype
                 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):

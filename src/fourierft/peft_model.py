@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -210,9 +210,6 @@ class PeftModel(nn.Module):
         state dict), without recompiling a ``torch.compile``'d model: see :func:`fourierft.hotswap_adapter`."""
         _hotswap_adapter(self, model_id, adapter_name, **kwargs)
 
-    def _adapter_params(self) -> Iterator[nn.Parameter]:
-        return self.base_model.adapter_tensors()
-
     @contextlib.contextmanager
     def disable_adapter(self):
         """Context manager running the base model: adapters and modules_to_save copies are bypassed.
@@ -227,7 +224,7 @@ class PeftModel(nn.Module):
                 "The model contains some adapter layers that are enabled and others that are disabled. This is "
                 "most likely unintentional. After exiting the disable_adapter context, all adapters will be enabled"
             )
-        grads = [(p, p.requires_grad) for p in self._adapter_params()]
+        grads = [(p, p.requires_grad) for p in self.base_model.adapter_tensors()]
         self.base_model.disable_adapter_layers()
         self._adapters_disabled = True
         for p, _ in grads:

@@ -1,8 +1,8 @@
 """Method-agnostic tuner core: find targets, swap in adapter layers, manage adapters.
 
-:class:`AdapterModel` knows nothing of spectra or rotations. A method subclasses it and sets four class
-attributes: ``prefix`` (``"fourierft_"``), ``layer_cls`` (an :class:`~fourierft.layer.AdapterLayer`),
-``target_types`` (the module types it can wrap) and optionally ``default_target_overrides``.
+:class:`AdapterModel` knows nothing of spectra or rotations. A method subclasses it and sets ``prefix``
+(``"fourierft_"``), ``layer_cls`` (an :class:`~fourierft.layer.AdapterLayer`) and ``target_types`` (the module
+types it can wrap); the optional hooks are listed in :class:`fourierft.contract.MethodTuner`.
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ class AdapterModel(nn.Module):
             layer.set_adapter(names, inference_mode=inference_mode)
             for name in names:
                 if self.peft_config[name].inference_mode:
-                    for _, p in layer.adapter_parameters(name):
+                    for _, p in layer.named_adapter_tensors(name):
                         p.requires_grad_(False)
         self._set_bias_trainable(names, inference_mode)
         self.active_adapter = adapter_name if isinstance(adapter_name, str) else names  # as given, as in PEFT
@@ -431,7 +431,7 @@ class AdapterModel(nn.Module):
         """The tensors of the given adapters (default: all), in their layers and modules_to_save copies."""
         for _, layer in self.adapter_layers():
             for name in layer.adapter_names() if adapter_names is None else adapter_names:
-                for _, p in layer.adapter_parameters(name):
+                for _, p in layer.named_adapter_tensors(name):
                     yield p
         for w in self._wrappers():
             for name in w.modules_to_save if adapter_names is None else adapter_names:

@@ -24,14 +24,17 @@ from ..layer import AdapterLayer
 logger = logging.getLogger(__name__)
 
 
-def adapter_parameter_ids(model: nn.Module) -> set[int]:
+def adapter_tensor_ids(model: nn.Module) -> set[int]:
     """``id`` of every adapter tensor (all adapters, trainable or not) in ``model``."""
     ids = set()
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             for name in module.adapter_names():
-                ids.update(id(p) for _, p in module.adapter_parameters(name))
+                ids.update(id(p) for _, p in module.named_adapter_tensors(name))
     return ids
+
+
+adapter_parameter_ids = adapter_tensor_ids  # earlier name
 
 
 def _no_decay(module: nn.Module, param_name: str) -> bool:
@@ -68,7 +71,7 @@ def adapter_param_groups(
     for label, lr in (("adapter_lr", adapter_lr), ("head_lr", head_lr)):
         if not lr > 0:
             raise ValueError(f"{label} must be a positive learning rate, got {lr!r}")
-    adapter_ids = adapter_parameter_ids(model)
+    adapter_ids = adapter_tensor_ids(model)
     groups: dict[str, list[nn.Parameter]] = {"adapter": [], "head": [], "head_no_decay": []}
     seen: set[int] = set()
     for module in model.modules():

@@ -33,7 +33,7 @@ from ..peft_model import PeftModel
 from ..serialization.folders import adapter_dir, load_weights_file
 from ..serialization.state_dict import FINGERPRINT_KEY, set_peft_model_state_dict
 from ..serialization.tensors import WEIGHTS_NAMES
-from .optim import adapter_param_groups, adapter_parameter_ids, resolve_adapter_lr
+from .optim import adapter_param_groups, adapter_tensor_ids, resolve_adapter_lr
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class AdapterTrainer(Trainer):
     def create_optimizer(self, model: Optional[nn.Module] = None):
         """Build the optimizer with :func:`adapter_param_groups` (adapter lr vs. head lr)."""
         opt_model = self.model if model is None else model
-        if self.optimizer is not None or not adapter_parameter_ids(opt_model):
+        if self.optimizer is not None or not adapter_tensor_ids(opt_model):
             return super().create_optimizer() if model is None else super().create_optimizer(model)
         user_choice = getattr(self, "optimizer_cls_and_kwargs", None)
         optimizer_cls, optimizer_kwargs = user_choice or self.get_optimizer_cls_and_kwargs(self.args, opt_model)

@@ -239,8 +239,8 @@ def _gathers(perms: torch.Tensor) -> Gathers:
     m, n = perms.shape
     inv = torch.argsort(perms, dim=1)
     ident = torch.arange(n, device=perms.device)
-    plan = [inv[m - 1]] + [perms[i][inv[i - 1]] for i in range(m - 1, 0, -1)] + [perms[0]]
-    return tuple(None if torch.equal(g, ident) else (g, torch.argsort(g)) for g in plan)
+    gathers = [inv[m - 1]] + [perms[i][inv[i - 1]] for i in range(m - 1, 0, -1)] + [perms[0]]
+    return tuple(None if torch.equal(g, ident) else (g, torch.argsort(g)) for g in gathers)
 
 
 def _group_positions(size: int, width: int, device: torch.device) -> torch.Tensor:

@@ -224,7 +224,7 @@ def make_spectral_plan(indices: torch.Tensor, d_out: int, d_in: int,
         device: where the plan's tensors live (default: the device of ``indices``).
 
     Returns:
-        The plan; compute it once per layer and keep its tensors as non-persistent buffers.
+        The plan; compute it once per layer shape and keep it with the layers that use it.
 
     Raises:
         ValueError: if ``indices`` has the wrong shape or an entry is out of range.

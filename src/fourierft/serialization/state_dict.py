@@ -89,7 +89,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
     for path, module in root.named_modules():
         full = prefix + path
         if isinstance(module, AdapterLayer):
-            for attr, _ in module.adapter_parameters(adapter_name):
+            for attr, _ in module.named_adapter_tensors(adapter_name):
                 mapping[f"{full}.{attr}"] = (f"{full}.{attr}.{adapter_name}", True)
             if config.bias.endswith("_only") and adapter_name in module.adapter_names() and module.bias is not None:
                 inner = "base_layer." * _depth(module)
