@@ -137,7 +137,8 @@ def _fan_in_fan_out_warns(lib, tmp, method):
     torch.manual_seed(0)
     config = CONFIGS[method](lib, fan_in_fan_out=True)
     model, cats = warned(lambda: lib.get_peft_model(MLP(), config))
-    return cats, config.fan_in_fan_out
+    # the model's resolved config: the same object as ``config`` in PEFT, a copy here (docs/migrating.md)
+    return cats, model.peft_config["default"].fan_in_fan_out
 
 
 def _prefix_name_warns(lib, tmp, method):
@@ -293,7 +294,7 @@ def _llama_targets(lib, tmp, method, **kw):
     extra = {"n_frequency": 10} if method == "fourierft" else {"boft_block_size": 4}
     config = getattr(lib, "FourierFTConfig" if method == "fourierft" else "BOFTConfig")(**extra, **kw)
     m = quiet(lib.get_peft_model, base, config)
-    targets = config.target_modules
+    targets = m.peft_config["default"].target_modules  # resolved in the model's config (a copy here)
     if kw.get("target_modules") == "all-linear":  # resolved to other (equivalent) names; see docs/migrating.md
         return type(targets).__name__, m.base_model.targeted_module_names
     return (sorted(targets) if isinstance(targets, (set, list)) else targets, type(targets).__name__,
@@ -370,7 +371,8 @@ def _gpt2_defaults(lib, tmp, method):
         m, cats = warned(lambda: lib.get_peft_model(base, config))
     except Exception as err:  # noqa: BLE001 - PEFT's BOFT cannot adapt gpt2's Conv1D default target
         return "raises", type(err).__mro__[1].__name__ if type(err).__module__ != "builtins" else type(err).__name__
-    return m.base_model.targeted_module_names, config.fan_in_fan_out, cats
+    # the model's resolved config: the same object as ``config`` in PEFT, a copy here (docs/migrating.md)
+    return m.base_model.targeted_module_names, m.peft_config["default"].fan_in_fan_out, cats
 
 
 CASES = [

@@ -105,7 +105,7 @@ class AdapterLayer(nn.Module):
         """Turn gradients on or off for the tensors of ``adapter_names`` in this layer."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            for _, p in self.adapter_parameters(name):
+            for _, p in self.named_adapter_tensors(name):
                 p.requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
