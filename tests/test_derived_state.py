@@ -92,3 +92,16 @@ def test_the_memory_check_sees_a_global_cache(monkeypatch):
     for i in range(1, 6):
         make_and_run("fourierft", i)
     assert live_tensors() > before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_moving_the_model_builds_the_plans_at_once(method):
+    """``PeftModel.to`` (and ``cuda``/``cpu``) builds the plans for the new device eagerly, outside any trace."""
+    model = get_peft_model(build("mlp"), method_config(method))
+    layer = model.base_model.model.lin1
+    layer._plans.clear()
+    assert model.to(torch.device("cpu")) is model
+    assert set(layer._plans) == {"default"}
+    layer._plans.clear()
+    model.cpu()
+    assert set(layer._plans) == {"default"}

@@ -69,8 +69,9 @@ class MethodLayer(Protocol):
     * ``mixed_forward``: a mixed batch (default: one ``adapter_forward`` per adapter's samples).
     * ``derived_tensors``: plan tensors fingerprinted in files (default: none).
     * ``check_merge``: extra checks before a safe merge (default: the merged weight is finite).
-    * ``_move_adapter``: put a new adapter on the base weight's device and dtype (override to also build
-      plans there).
+    * ``prepare_plans``: build the adapters' plans on their device now (called after an adapter is created
+      and after ``PeftModel.to``/``cuda``/``cpu``), so that a ``torch.compile``'d forward only looks them up.
+    * ``_move_adapter``: put a new adapter on the base weight's device and dtype.
     """
 
     adapter_layer_names: tuple[str, ...]
@@ -94,6 +95,8 @@ class MethodLayer(Protocol):
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]: ...
 
     def check_merge(self, adapter_names: Optional[list[str]] = None) -> None: ...
+
+    def prepare_plans(self) -> None: ...
 
 
 @runtime_checkable

@@ -403,4 +403,4 @@ def _pad_layer(layer: AdapterLayer, name: str, path: str, config) -> None:
         padded = torch.zeros(fresh.shape, dtype=current.dtype, device=current.device)
         padded[tuple(slice(0, k) for k in current.shape)] = current.detach()
         store[name] = nn.Parameter(padded, requires_grad=current.requires_grad)
-    layer.to(next(iter(old.values())).device)  # builds the new geometry's index plans now, not in a compiled trace
+    layer.prepare_plans()  # the new geometry's plans now, not in a compiled trace

@@ -251,6 +251,14 @@ class AdapterLayer(nn.Module):
             if autocast_adapter_dtype and data.dtype in (torch.float16, torch.bfloat16):
                 data = data.float()
             param.data = data
+        self.prepare_plans()
+
+    def prepare_plans(self) -> None:
+        """Build every adapter's plans on its device now, outside any torch.compile trace (default: no plans).
+
+        Called when an adapter is created and after the model moves (``PeftModel.to``/``cuda``/``cpu``); a
+        method with plans builds them in its own ``plan`` lookups otherwise, on first use.
+        """
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"

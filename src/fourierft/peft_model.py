@@ -32,7 +32,7 @@ from .serialization.state_dict import (
     set_peft_model_state_dict,
 )
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from .tuner import AdapterModel, check_adapter_name
+from .tuner import AdapterModel, PlansFollowMoves, check_adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 _tuner_class = tuner_class  # earlier private name
 
 
-class PeftModel(nn.Module):
+class PeftModel(PlansFollowMoves, nn.Module):
     """A model with adapters (PEFT's ``PeftModel``).
 
     Args:
@@ -147,6 +147,10 @@ class PeftModel(nn.Module):
     def base_model_torch_dtype(self) -> Optional[torch.dtype]:
         """The base model's ``dtype`` (``None`` for models without one, e.g. a plain ``nn.Module``)."""
         return getattr(self.get_base_model(), "dtype", None)
+
+    def prepare_plans(self) -> None:
+        """Build the adapters' plans on their device now (done after ``to``/``cuda``/``cpu`` by itself)."""
+        self.base_model.prepare_plans()
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers in it)."""

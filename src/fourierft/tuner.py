@@ -64,7 +64,35 @@ def get_submodule_parent(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-class AdapterModel(nn.Module):
+class PlansFollowMoves:
+    """Mixin for wrappers: after the public ``to``/``cuda``/``cpu``/``xpu``/``to_empty`` move the model, build the
+    plans for the new device at once (eagerly), so that a ``torch.compile``'d forward only looks them up.
+
+    Public methods are extended, not ``nn.Module._apply``; a model moved another way (e.g. the base model by
+    itself) builds them on its first forward instead.
+    """
+
+    def _plans_moved(self, result):
+        self.prepare_plans()
+        return result
+
+    def to(self, *args, **kwargs):
+        return self._plans_moved(super().to(*args, **kwargs))
+
+    def cuda(self, *args, **kwargs):
+        return self._plans_moved(super().cuda(*args, **kwargs))
+
+    def cpu(self):
+        return self._plans_moved(super().cpu())
+
+    def xpu(self, *args, **kwargs):
+        return self._plans_moved(super().xpu(*args, **kwargs))
+
+    def to_empty(self, *args, **kwargs):
+        return self._plans_moved(super().to_empty(*args, **kwargs))
+
+
+class AdapterModel(PlansFollowMoves, nn.Module):
     """Wraps a model and injects one method's adapter layers (PEFT's ``BaseTuner``).
 
     Args:
@@ -141,6 +169,11 @@ class AdapterModel(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    def prepare_plans(self) -> None:
+        """Build every adapter layer's plans on its adapters' device now (see ``AdapterLayer.prepare_plans``)."""
+        for _, layer in self.adapter_layers():
+            layer.prepare_plans()
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names`` (one per sample, ``"__base__"`` for none) mixes adapters in a batch."""

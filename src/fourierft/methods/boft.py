@@ -158,10 +158,10 @@ class _BOFTLayer(AdapterLayer):
                 (*geometry, str(device)), lambda: butterfly.make_butterfly_plan(*geometry, device))
         return plan
 
-    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        super()._move_adapter(adapter_name, autocast_adapter_dtype)
-        if self.boft_R[adapter_name].device.type != "meta":
-            self.plan(adapter_name)  # built now, not inside a torch.compile'd forward
+    def prepare_plans(self) -> None:
+        for name, r in self.boft_R.items():
+            if r.device.type != "meta":
+                self.plan(name)  # built now, not inside a torch.compile'd forward
 
     @staticmethod
     def scale_shape(out: int) -> tuple[int, int]:

@@ -232,10 +232,10 @@ class FourierFTLinear(AdapterLayer):
                 (key, str(device)), lambda: _build_plan(positions, key, device))
         return plan
 
-    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        super()._move_adapter(adapter_name, autocast_adapter_dtype)
-        if self.fourierft_spectrum[adapter_name].device.type != "meta":
-            self.plan(adapter_name)  # built now, so that a torch.compile'd forward only looks it up
+    def prepare_plans(self) -> None:
+        for name, spectrum in self.fourierft_spectrum.items():
+            if spectrum.device.type != "meta":
+                self.plan(name)  # built now, so that a torch.compile'd forward only looks it up
 
     @property
     def indices(self) -> dict[str, torch.Tensor]:
