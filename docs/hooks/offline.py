@@ -5,7 +5,8 @@ or ``<div class="arithmatex">\\[...\\]</div>``; this hook converts them with ``l
 MathML natively, offline. A formula the converter cannot read fails the build, naming the page.
 
 Code: ``pymdownx.highlight`` colours code blocks with Pygments; this hook writes the matching stylesheet
-(``css/pygments.css``, listed in ``extra_css``) into the built site.
+and a rule that lets a wide display formula scroll (``css/offline.css``, listed in ``extra_css``) into the
+built site.
 """
 
 from __future__ import annotations
@@ -39,5 +40,6 @@ def on_page_content(content: str, page, config, files) -> str:
 def on_post_build(config) -> None:
     folder = os.path.join(config["site_dir"], "css")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "pygments.css"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(folder, "offline.css"), "w", encoding="utf-8") as fh:
         fh.write(HtmlFormatter(style="default").get_style_defs(".highlight"))
+        fh.write("\ndiv.math { overflow-x: auto; overflow-y: hidden; }\n")
