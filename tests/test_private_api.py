@@ -109,3 +109,12 @@ def test_transformers_reads_the_peft_flag():
 
     sources = inspect.getsource(transformers.trainer_utils) + inspect.getsource(transformers.modeling_utils)
     assert "_hf_peft_config_loaded" in sources, "transformers no longer reads _hf_peft_config_loaded"
+
+
+def test_bitsandbytes_cpu_layout_inverse():
+    """fourierft.quantized undoes bitsandbytes' CPU-inference 4-bit repacking (no backward) with this private
+    inverse; there is no public one. Its behaviour is covered in test_quantized.py (training after eval)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    inverse = getattr(functional, "_convert_weight_packed_for_cpu_inverse", None)
+    assert inverse is not None, "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse is gone"
+    assert list(inspect.signature(inverse).parameters)[:2] == ["packed_weight", "quant_state"]

@@ -28,6 +28,7 @@ bitsandbytes layer is met; such a layer is recognised by its class's module name
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import logging
 import sys
@@ -52,9 +53,14 @@ def is_bitsandbytes_module(module: nn.Module) -> bool:
 
 def quant_kind(module: nn.Module) -> Optional[str]:
     """``"int8"`` (``Linear8bitLt``), ``"4bit"`` (``Linear4bit`` and subclasses) or ``None``."""
-    for cls in type(module).__mro__:
-        if cls.__module__.split(".")[0] == "bitsandbytes" and cls.__name__ in SUPPORTED:
-            return SUPPORTED[cls.__name__]
+    return _kind_of_class(type(module))
+
+
+@functools.lru_cache(maxsize=1024)  # keyed by class, not by model: bounded by the classes a program defines
+def _kind_of_class(cls: type) -> Optional[str]:
+    for base in cls.__mro__:
+        if base.__module__.split(".")[0] == "bitsandbytes" and base.__name__ in SUPPORTED:
+            return SUPPORTED[base.__name__]
     return None
 
 
@@ -127,6 +133,8 @@ def is_repacked(module: nn.Module) -> bool:
     error with one), which would leave every adapter before that layer untrained. Adapter layers call
     :func:`unpack` first in that case.
     """
+    if _kind_of_class(type(module)) != "4bit":  # every adapter layer asks on every forward: answer fast
+        return False
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     return state is not None and bool(getattr(state, "packing_format_for_cpu", False))
 
