@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -141,6 +141,20 @@ def make_inputs(kind: str, seed: int = 0) -> dict:
 def model_output(model, kind: str, inputs: dict) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def per_adapter_outputs(model, inputs, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(mixed, single)``: one mixed batch with ``adapter_names=names``, and the reference the mixed batch
+    must equal row by row, the whole batch run with each adapter alone (``"__base__"``: adapters disabled)."""
+    with torch.no_grad():
+        mixed = model(inputs, adapter_names=names)
+        single = {}
+        for name in dict.fromkeys(n for n in names if n != "__base__"):
+            model.set_adapter(name)
+            single[name] = model(inputs)
+        with model.disable_adapter():
+            single["__base__"] = model(inputs)
+    return mixed, single
 
 
 def build(kind: str, seed: int = 0):

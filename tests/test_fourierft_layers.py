@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import per_adapter_outputs
 from fourierft import FourierFTConfig, PeftModel, get_peft_model
 from fourierft.methods import fourierft_layers
 
@@ -226,16 +227,8 @@ def test_mixed_batch_matches_each_adapter():
     model = get_peft_model(_net(), FourierFTConfig(target_modules=["emb", "conv"], n_frequency=30, scaling=50.0))
     model.add_adapter("other", FourierFTConfig(target_modules=["emb", "conv"], n_frequency=20, scaling=-80.0,
                                                random_loc_seed=1))
-    ids = _ids(4)
     names = ["other", "default", "__base__", "other"]
-    with torch.no_grad():
-        mixed = model(ids, adapter_names=names)
-        single = {}
-        for name in ("default", "other"):
-            model.set_adapter(name)
-            single[name] = model(ids)
-        with model.disable_adapter():
-            single["__base__"] = model(ids)
+    mixed, single = per_adapter_outputs(model, _ids(4), names)
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i], single[name][i], atol=1e-5, rtol=1e-5)
 

@@ -100,6 +100,14 @@ def test_merged_boft_weights_are_contiguous_and_save_with_safetensors(tmp_dir):
         torch.testing.assert_close(model_output(fresh, "mlp", x), expected, atol=1e-5, rtol=1e-5)
 
 
+def _saved_and_reloaded(lib, tmp_dir, is_trainable: bool):
+    """A seeded FourierFT MLP adapter saved with ``lib`` and loaded back onto a fresh MLP: ``(model, folder)``."""
+    torch.manual_seed(0)
+    folder = os.path.join(tmp_dir, lib.__name__)
+    lib.get_peft_model(MLP(), _fft(lib)).save_pretrained(folder)
+    return lib.PeftModel.from_pretrained(MLP(), folder, is_trainable=is_trainable), folder
+
+
 def _trainable(model):
     return {k: v.requires_grad for k, v in model.base_model.model.lin0.fourierft_spectrum.items()}
 
@@ -108,10 +116,7 @@ def _trainable(model):
 def test_adding_a_frozen_adapter_keeps_trainable_ones_trainable(tmp_dir, first_trainable):
     seen = {}
     for lib in (peft, fourierft):
-        torch.manual_seed(0)
-        d = os.path.join(tmp_dir, lib.__name__)
-        lib.get_peft_model(MLP(), _fft(lib)).save_pretrained(d)
-        model = lib.PeftModel.from_pretrained(MLP(), d, is_trainable=first_trainable)
+        model, d = _saved_and_reloaded(lib, tmp_dir, is_trainable=first_trainable)
         model.load_adapter(d, "second", is_trainable=True)
         model.load_adapter(d, "third")
         model.add_adapter("x", _fft(lib))
@@ -276,10 +281,7 @@ def test_boft_dropout_drops_blocks_when_p_times_blocks_is_below_one():
 def test_disable_adapter_layers_freezes_adapters_like_peft_and_enable_restores(tmp_dir):
     seen = {}
     for lib in (peft, fourierft):
-        torch.manual_seed(0)
-        d = os.path.join(tmp_dir, lib.__name__)
-        lib.get_peft_model(MLP(), _fft(lib)).save_pretrained(d)
-        model = lib.PeftModel.from_pretrained(MLP(), d, is_trainable=True)
+        model, d = _saved_and_reloaded(lib, tmp_dir, is_trainable=True)
         model.load_adapter(d, "frozen")
         model.base_model.set_adapter(["default", "frozen"])
         model.set_requires_grad("frozen", requires_grad=False)

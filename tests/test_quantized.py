@@ -18,6 +18,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from conftest import per_adapter_outputs  # noqa: E402
 from fourierft import BOFTConfig, FourierFTConfig, PeftModel, get_peft_model, quantized  # noqa: E402
 
 KINDS = {
@@ -172,16 +173,8 @@ def test_mixed_batch_and_disable_over_a_quantized_base(kind, method):
     model = get_peft_model(quantized_net(kind), METHODS[method]())
     model.add_adapter("other", METHODS[method]())
     model.train()  # the un-repacked 4-bit kernel: per-sample rows are then comparable exactly
-    x = _x(4)
     names = ["other", "__base__", "default", "other"]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=names)
-        single = {}
-        for name in ("default", "other"):
-            model.set_adapter(name)
-            single[name] = model(x)
-        with model.disable_adapter():
-            single["__base__"] = model(x)
+    mixed, single = per_adapter_outputs(model, _x(4), names)
     tol = 3e-2 if kind == "int8" else 1e-5  # int8 rounds each activation row with the batch's own scale
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i], single[name][i], atol=tol * single[name].abs().max().item(), rtol=0)
