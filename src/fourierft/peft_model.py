@@ -32,7 +32,7 @@ from .serialization.state_dict import (
     set_peft_model_state_dict,
 )
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from .tuner import AdapterModel, PlansFollowMoves, check_adapter_name
+from .tuner import PlansFollowMoves, check_adapter_name
 
 logger = logging.getLogger(__name__)
 

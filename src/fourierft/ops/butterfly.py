@@ -379,7 +379,7 @@ def _fused_blocks(q: torch.Tensor, width: int, plan: ButterflyPlan) -> torch.Ten
     ``[I ... I]`` (``width x n``) factor by factor; ``M`` being block diagonal, its windows are the blocks.
     """
     m, num, size, _ = q.shape
-    n, windows = num * size, num * size // width
+    windows = num * size // width
     if width <= _CHAIN_MAX_WIDTH:
         pos, flat = plan.embedding, q.reshape(m, windows, -1)
         factors = [q.new_zeros(windows, width * width).index_copy(1, pos[i], flat[i]) for i in range(m)]
