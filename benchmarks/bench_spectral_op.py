@@ -38,18 +38,35 @@ from torch import nn
 RESULTS = Path(__file__).resolve().parent / "results" / "spectral_op.json"
 
 
+class ForcedPath(nn.Module):
+    """Our layer with :func:`fourierft.ops.spectral.forced_path` around its forward (``ours@merged``)."""
+
+    def __init__(self, inner: nn.Module, path: str) -> None:
+        super().__init__()
+        self.inner, self.path = inner, path
+
+    def forward(self, x):
+        from fourierft.ops.spectral import forced_path
+
+        with forced_path(self.path):
+            return self.inner(x)
+
+
 def build(method: str, base: nn.Linear, n: int, scaling: float) -> nn.Module:
-    """The layer as users get it: ``get_peft_model`` on a one-layer model, from fourierft or peft."""
+    """The layer as users get it: ``get_peft_model`` on a one-layer model, from fourierft or peft.
+
+    ``ours@spectral`` and ``ours@merged`` force one of our paths instead of :func:`choose_path`'s pick."""
     base = copy.deepcopy(base).requires_grad_(False)
     if method == "frozen":
         return base
     model = nn.Sequential()
     model.add_module("lin", base)
-    if method == "ours":
+    if method.startswith("ours"):
         import fourierft
 
         config = fourierft.FourierFTConfig(n_frequency=n, scaling=scaling, target_modules=["lin"])
-        return fourierft.get_peft_model(model, config)
+        ours = fourierft.get_peft_model(model, config)
+        return ForcedPath(ours, method.split("@", 1)[1]) if "@" in method else ours
     from peft import FourierFTConfig, LoraConfig, get_peft_model
 
     config = (FourierFTConfig(n_frequency=n, scaling=scaling, target_modules=["lin"])
@@ -57,11 +74,20 @@ def build(method: str, base: nn.Linear, n: int, scaling: float) -> nn.Module:
     return get_peft_model(model, config)
 
 
+ACCUMULATE = 1  # micro-batches per optimizer update (--accumulate)
+
+
 def step(model: nn.Module, x: torch.Tensor) -> None:
-    model(x).square().mean().backward()
+    """``ACCUMULATE`` forward+backward passes, then what an optimizer step does to the trained tensors
+    (an in-place write, which bumps their version counters: a kept ``W + dW`` must be rebuilt)."""
+    for _ in range(ACCUMULATE):
+        model(x).square().mean().backward()
     x.grad = None
-    for p in model.parameters():
-        p.grad = None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.0)
+            p.grad = None
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -125,6 +151,10 @@ def run_shape(d: int, tokens: int, n: int, scaling: float, methods: list[str], b
     for r in rows:
         r["vs_frozen"] = r["median_ms"] / ref["frozen"]
         r["peft_fft_over_this"] = ref["peft_fft"] / r["median_ms"] if "peft_fft" in ref else None
+        lora_over = ref.get("peft_lora", float("nan")) - ref["frozen"]
+        r["overhead_vs_lora"] = (r["median_ms"] - ref["frozen"]) / lora_over if lora_over > 0 else None
+        r["accumulate"] = ACCUMULATE
+        r["threads"] = torch.get_num_threads()
     return rows
 
 
@@ -134,13 +164,14 @@ def _mb(nbytes: int | None) -> float | None:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'d':>5} {'T':>5} {'method':>10} {'median ms':>10} {'min ms':>9} {'x frozen':>9} "
-            f"{'peft/this':>9} {'saved MB':>9} {'peak MB':>9}")
+            f"{'peft/this':>9} {'ovh/LoRA':>9} {'saved MB':>9} {'peak MB':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         speed = f"{r['peft_fft_over_this']:9.2f}" if r["peft_fft_over_this"] else f"{'-':>9}"
+        ovh = f"{r['overhead_vs_lora']:9.2f}" if r.get("overhead_vs_lora") is not None else f"{'-':>9}"
         print(f"{r['d']:5d} {r['tokens']:5d} {r['method']:>10} {r['median_ms']:10.2f} "
-              f"{r['min_ms']:9.2f} {r['vs_frozen']:9.2f} {speed} {r['saved_mb']:9.1f} "
+              f"{r['min_ms']:9.2f} {r['vs_frozen']:9.2f} {speed} {ovh} {r['saved_mb']:9.1f} "
               f"{r['peak_mb'] if r['peak_mb'] is not None else float('nan'):9.1f}", flush=True)
 
 
@@ -162,6 +193,9 @@ def _loadavg() -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only (768, 1024) and (4096, 512)")
+    parser.add_argument("--shapes", default=None, help="d:T pairs, e.g. 768:512,1024:2048 (instead of the grid)")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches per optimizer update (times are per update)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--n", type=int, default=1000, help="FourierFT entries (default 1000)")
     parser.add_argument("--scaling", type=float, default=150.0)
@@ -173,8 +207,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global ACCUMULATE
+    ACCUMULATE = args.accumulate
     shapes = ([(768, 1024), (4096, 512)] if args.quick else
-              [(d, t) for d in (768, 1024, 4096) for t in (128, 512, 2048, 4096)])
+              [(d, t) for d in (384, 576, 768, 1024, 2048, 4096) for t in (128, 512, 2048, 4096)])
+    if args.shapes:
+        shapes = [tuple(int(v) for v in pair.split(":")) for pair in args.shapes.split(",")]
     methods = args.methods.split(",")
     load_start = _loadavg()
     rows: list[dict] = []
@@ -187,6 +225,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=_cpu_name(),
                 machine=platform.machine(), what="forward+backward of one frozen nn.Linear step",
+                accumulate=ACCUMULATE,
                 clock=args.clock,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                 loadavg_start=load_start, loadavg_end=_loadavg())

@@ -318,14 +318,18 @@ class _LargestOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_unmerged_training_step_never_builds_the_weight_change(conv1d):
+def test_spectral_training_step_never_builds_the_weight_change(conv1d):
+    """The spectral (activation-side) path, which choose_path picks for few tokens, holds no d_out x d_in tensor."""
     from transformers.pytorch_utils import Conv1D
+
+    from fourierft.ops import spectral
 
     d_in, d_out, tokens = 96, 80, 4
     layer = Conv1D(d_out, d_in) if conv1d else torch.nn.Linear(d_in, d_out)
     model = fourierft.get_peft_model(torch.nn.Sequential(layer), FourierFTConfig(target_modules=["0"], n_frequency=500))
     model.train()
     x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
+    assert spectral.choose_path(tokens, d_out, d_in, 500, True, fused=True) == "spectral"
     with _LargestOutput() as mode:
         model(x).square().sum().backward()
     assert mode.largest < d_out * d_in, mode.op
@@ -366,8 +370,8 @@ def test_fused_training_path_equals_separate_base(conv1d, monkeypatch):
     run()
     handle.remove()
     assert calls == [1] and type(wrapped.base_layer) in seen
-    for a, b in zip(fused, separate):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # inference never fuses (nothing to save; the dense route may be cheaper)
+    for a, b in zip(fused, separate):  # float32; the fused op may take the merged path (one GEMM on W + dW)
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    with torch.no_grad():  # inference fuses too (the merged route is then one GEMM on W + dW)
         torch.testing.assert_close(model(x), fused[0], atol=1e-5, rtol=1e-5)
-    assert calls == [1]
+    assert calls == [1, 1]

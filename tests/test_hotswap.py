@@ -149,7 +149,8 @@ def test_prepare_pads_fourierft_without_changing_outputs(base, tmp_path):
     model = trained(base, "fourierft", 1)
     expected = out(model)
     prepare_model_for_hotswap(model, target_n_frequency=60)
-    torch.testing.assert_close(out(model), expected, rtol=1e-6, atol=1e-7)
+    # float32: with 60 entries instead of 20 choose_path may take the other path (same maths, other rounding)
+    torch.testing.assert_close(out(model), expected, rtol=1e-5, atol=1e-5)
     assert model.peft_config["default"].n_frequency == 60
     assert model.base_model.model.a.fourierft_spectrum["default"].shape == (60,)
     small = saved(trained(base, "fourierft", 2, n_frequency=10), tmp_path, "n10")
@@ -268,7 +269,7 @@ def test_compiled_model_never_recompiles(base, tmp_path, method, variants, prepa
     frames, pairs = compiled_swaps(base, tmp_path, method, variants, prepare)
     assert frames == 1
     for got, expected in pairs:
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # compiled: torch kernels; eager: native
 
 
 @pytest.mark.parametrize("method", ["fourierft", "boft"])

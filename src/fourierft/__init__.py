@@ -21,7 +21,7 @@ from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
 from .integrations.optim import adapter_param_groups
 from .methods import (BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTConv2d,
-                      FourierFTEmbedding, FourierFTLinear, FourierFTModel)
+                      FourierFTEmbedding, FourierFTLinear, FourierFTModel, set_merged_weight_cache)
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -97,6 +97,7 @@ __all__ = [
     "prepare_model_for_hotswap",
     "register_method",
     "set_base_model_state_dict",
+    "set_merged_weight_cache",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

@@ -188,6 +188,7 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_plan_key: dict[str, PlanKey] = {}  # positions are rebuilt from these, never saved
         self._positions: dict[str, torch.Tensor] = {}  # (2, n) on the CPU, shared through _POSITIONS
         self._plans: dict[str, spectral.SpectralPlan] = {}  # on the adapter's device, rebuilt after a move
+        self._merged_cache: Optional[tuple] = None  # (key, spectra snapshots, W + dW), see _merged_for
         self.update_layer(adapter_name, config, key=key)
 
     @classmethod
@@ -275,25 +276,98 @@ class FourierFTLinear(AdapterLayer):
         )
 
     def _fusable(self, x: torch.Tensor, adapter_names: list[str], args: tuple, kwargs: dict) -> bool:
-        """Whether the base product can run inside the adapter's autograd node: training the spectra
-        of a plain frozen Linear/Conv1D (no hooks, no autocast, no extra arguments)."""
+        """Whether the base product can run inside the adapter's op: a plain frozen Linear/Conv1D (no hooks,
+        no autocast, no extra arguments), trained or not."""
         base = self.base_layer
-        if args or kwargs or type(base) not in _FUSABLE or not torch.is_grad_enabled():
+        if args or kwargs or type(base) not in _FUSABLE:
             return False
         if _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
             return False
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return False
-        if x.shape[-1] != self.in_features or x.dtype != base.weight.dtype:
-            return False  # the base layer raises its usual error
-        return any(self.fourierft_spectrum[n].requires_grad for n in adapter_names)
+        return x.shape[-1] == self.in_features and x.dtype == base.weight.dtype  # else the base layer raises
+
+    # ------------------------------------------------------------------ merged path and its cache
+    #: When a layer keeps ``W + dW`` (the merged path's weight) after a forward, for the next one:
+    #: ``"train"`` (default) in training-mode forwards that need gradients, which reuse it across the
+    #: micro-batches of one optimizer step (gradient accumulation) and hold it no longer than autograd
+    #: would until backward; ``"always"`` also in inference (repeated eval forwards and generation then
+    #: cost what the frozen layer costs, for one extra ``d_out x d_in`` weight per layer); ``"off"``
+    #: never. Set it model-wide with :func:`fourierft.set_merged_weight_cache`.
+    merged_cache = "train"
+
+    def _merged_key(self, adapter_names: list[str], weight: torch.Tensor) -> tuple:
+        spectra = [self.fourierft_spectrum[n] for n in adapter_names]
+        return (tuple(adapter_names), tuple(self.fourierft_scaling[n] for n in adapter_names),
+                tuple((s.data_ptr(), s._version, s.dtype) for s in spectra),
+                weight.data_ptr(), weight._version, weight.dtype, weight.device, self.fan_in_fan_out)
+
+    def _cached_merged(self, adapter_names: list[str], weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """The kept ``W + dW`` if it is exactly that of the current spectra and weight, else ``None``.
+
+        Besides version counters (which an optimizer step or ``load_state_dict`` bumps) the spectra are
+        compared with a snapshot, so that writes that bypass them (``p.data.copy_(...)``) are seen too."""
+        entry = self._merged_cache
+        if entry is None or entry[0] != self._merged_key(adapter_names, weight):
+            return None
+        if not all(torch.equal(snap, self.fourierft_spectrum[n]) for snap, n in zip(entry[1], adapter_names)):
+            return None
+        return entry[2]
+
+    def drop_merged_cache(self) -> None:
+        """Free the kept ``W + dW`` (also done by ``train()``/``eval()``, merging and deleting adapters)."""
+        self._merged_cache = None
+
+    def _merged_for(self, x: torch.Tensor, adapter_names: list[str]) -> tuple[str, Optional[torch.Tensor]]:
+        """The path :func:`~fourierft.ops.spectral.choose_path` picks for this forward and, for the merged
+        path, ``W + dW`` (kept or built, and kept when the cache policy allows)."""
+        weight = self.base_layer.weight
+        spectra = [self.fourierft_spectrum[n] for n in adapter_names]
+        training = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in spectra))
+        if torch.compiler.is_compiling():  # traced graphs keep the activation path: no cache, no sparse kernels
+            return "spectral", None
+        keep = self.merged_cache == "always" or (self.merged_cache == "train" and training and self.training)
+        cached = self._cached_merged(adapter_names, weight) if keep else None
+        if cached is None and self._merged_cache is not None and not keep:
+            self._merged_cache = None
+        path = spectral.choose_path(
+            x.numel() // self.in_features, self.out_features, self.in_features, sum(s.numel() for s in spectra),
+            training, fused=True, dtype=weight.dtype, cached=cached is not None or self.merged_cache == "always")
+        if path != "merged":
+            return path, None
+        if cached is None:
+            plans, scalings = [self.plan(n) for n in adapter_names], [self.fourierft_scaling[n] for n in adapter_names]
+            cached = spectral.merged_weight(weight, spectra, plans, scalings, transposed=self.fan_in_fan_out)
+            if keep:
+                snapshots = tuple(s.detach().clone() for s in spectra)
+                self._merged_cache = (self._merged_key(adapter_names, weight), snapshots, cached)
+        return path, cached
+
+    def train(self, mode: bool = True):
+        if mode != self.training:  # Trainer calls train() every step: keep the cache across those
+            self.drop_merged_cache()
+        return super().train(mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.drop_merged_cache()
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_last(self) -> None:
+        self.drop_merged_cache()
+        super().unmerge_last()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.drop_merged_cache()
+        super().delete_adapter(adapter_name)
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         if self._fusable(x, adapter_names, args, kwargs):
+            path, merged = self._merged_for(x, adapter_names)
             return spectral.linear_spectral_apply(
                 x, self.base_layer.weight, self.base_layer.bias,
                 [self.fourierft_spectrum[n] for n in adapter_names], [self.plan(n) for n in adapter_names],
                 [self.fourierft_scaling[n] for n in adapter_names], transposed=self.fan_in_fan_out,
+                path=path, merged=merged,
             )
         base = self.base_layer
         result = base(x, *args, **kwargs)
@@ -328,6 +402,33 @@ class FourierFTLinear(AdapterLayer):
 
     def __repr__(self) -> str:
         return "fourierft." + super().__repr__()
+
+
+MERGED_CACHE_MODES = ("train", "always", "off")
+
+
+def set_merged_weight_cache(model: nn.Module, mode: str) -> int:
+    """Set :attr:`FourierFTLinear.merged_cache` on every FourierFT linear layer of ``model``.
+
+    Args:
+        model: a :class:`~fourierft.PeftModel`, an injected model, or any module holding FourierFT layers.
+        mode: ``"train"`` (the default), ``"always"`` or ``"off"``.
+
+    Returns:
+        The number of layers set (kept weights are freed when the new mode does not keep them).
+
+    Raises:
+        ValueError: on an unknown mode, or if ``model`` holds no FourierFT linear layer.
+    """
+    if mode not in MERGED_CACHE_MODES:
+        raise ValueError(f"unknown merged-weight cache mode {mode!r}: expected one of {MERGED_CACHE_MODES}")
+    layers = [m for m in model.modules() if isinstance(m, FourierFTLinear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no FourierFT linear layer")
+    for layer in layers:
+        layer.merged_cache = mode
+        layer.drop_merged_cache()
+    return len(layers)
 
 
 class FourierFTModel(AdapterModel):

@@ -43,24 +43,33 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _native
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SpectralPlan",
+    "delta_weight",
+    "forced_path",
+    "merged_weight",
     "band_frequency_indices",
     "choose_path",
     "dense_delta_weight",
     "frequency_indices",
     "make_spectral_plan",
+    "PATHS",
     "plan_buffers",
     "plan_from_buffers",
     "linear_spectral_apply",
+    "path_costs",
     "spectral_apply",
     "spectral_apply_per_sample",
 ]
@@ -183,6 +192,14 @@ class SpectralPlan:
         fwd_weight: ``(2n,)`` ``[w_out, w_out sigma]`` per entry (forward map).
         bwd_weight: ``(2n,)`` ``[w_in, w_in sigma]`` per entry (transposed map).
         grad_sign: ``(2n,)`` ``[1, sigma]`` per entry (coefficient gradient).
+        merge_index: ``(n,)`` where entry ``i`` lands in the real view ``(d_out, 2 K_in)`` of the
+            Hermitian half spectrum whose ``irfft2`` is ``Re(ifft2(S))`` (merged path).
+        merge_weight: ``(n,)`` its weight there (``w_in``: 1 on the DC/Nyquist columns, else 1/2).
+        pair_crow, pair_cols: CSR pattern ``(2 K_in, 2 K_out)`` of the distinct ``(in_col, out_col)``
+            pairs (the sampled products of the spectrum gradient on the merged path).
+        pair_inverse: ``(2n,)`` the distinct pair of each real/imaginary entry.
+
+    A plan made by concatenating adapters (:func:`_concat`) has empty ``pair_*`` fields.
     """
 
     d_out: int
@@ -195,6 +212,11 @@ class SpectralPlan:
     fwd_weight: torch.Tensor
     bwd_weight: torch.Tensor
     grad_sign: torch.Tensor
+    merge_index: torch.Tensor
+    merge_weight: torch.Tensor
+    pair_crow: torch.Tensor
+    pair_cols: torch.Tensor
+    pair_inverse: torch.Tensor
 
     def to(self, device: torch.device | str) -> "SpectralPlan":
         """Returns the plan with every tensor on ``device``."""
@@ -240,15 +262,36 @@ def make_spectral_plan(indices: torch.Tensor, d_out: int, d_in: int,
     sigma = torch.where(q_lower == p_lower, -1.0, 1.0).to(torch.float32)
     # imaginary parts at the DC/Nyquist bins of a real signal vanish: drop them exactly
     interior = ((w_in < 1) & (w_out < 1)).to(torch.float32)
+    in_cols, out_cols = _interleave(2 * g, 2 * g + 1), _interleave(2 * h, 2 * h + 1)
+    # merged path: an entry with q in the upper half is stored as its mirror (-p, d_in - q), so that the
+    # values of the half spectrum stay real; irfft2 then counts each interior column twice (w_in = 1/2)
+    merge_rows = torch.where(q_lower, p, (d_out - p) % d_out)
+    crow, cols, inverse = _pair_pattern(in_cols, out_cols, 2 * (d_in // 2 + 1), 2 * (d_out // 2 + 1))
     plan = SpectralPlan(
         d_out=d_out, d_in=d_in, indices=torch.stack([p, q]), in_bins=g, out_bins=h,
-        in_cols=_interleave(2 * g, 2 * g + 1), out_cols=_interleave(2 * h, 2 * h + 1),
+        in_cols=in_cols, out_cols=out_cols,
         fwd_weight=_interleave(w_out, w_out * sigma * interior),
         bwd_weight=_interleave(w_in, w_in * sigma * interior),
         grad_sign=_interleave(torch.ones_like(sigma), sigma * interior),
+        merge_index=merge_rows * (2 * (d_in // 2 + 1)) + 2 * g, merge_weight=w_in,
+        pair_crow=crow, pair_cols=cols, pair_inverse=inverse,
     )
     logger.debug("spectral plan: (%d, %d) weight, %d entries", d_out, d_in, p.numel())
     return plan.to(device if device is not None else indices.device)
+
+
+def _pair_pattern(in_cols: torch.Tensor, out_cols: torch.Tensor, rows: int,
+                  cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR ``(crow, col)`` of the distinct ``(in_col, out_col)`` pairs in a ``rows x cols`` grid, and the
+    distinct pair of each entry (entries ``(p, q)``, ``(-p, -q)`` and their mirrors share pairs)."""
+    key = in_cols * cols + out_cols
+    unique, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(unique // cols, minlength=rows).cumsum(0)
+    return crow, unique % cols, inverse
+
+
+_PAIR_FIELDS = ("pair_crow", "pair_cols", "pair_inverse")
 
 
 def plan_buffers(plan: SpectralPlan) -> dict[str, torch.Tensor]:
@@ -265,8 +308,9 @@ def _concat(plans: Sequence[SpectralPlan]) -> SpectralPlan:
     """One plan holding every adapter's entries, in order (they share one rfft and one irfft)."""
     if len(plans) == 1:
         return plans[0]
-    parts = {k: [getattr(p, k) for p in plans] for k in plan_buffers(plans[0])}
-    return SpectralPlan(d_out=plans[0].d_out, d_in=plans[0].d_in,
+    parts = {k: [getattr(p, k) for p in plans] for k in plan_buffers(plans[0]) if k not in _PAIR_FIELDS}
+    empty = plans[0].pair_cols.new_empty(0)
+    return SpectralPlan(d_out=plans[0].d_out, d_in=plans[0].d_in, **{k: empty for k in _PAIR_FIELDS},
                         **{k: torch.cat(v, dim=-1) for k, v in parts.items()})
 
 
@@ -314,6 +358,13 @@ def _blocks(tokens: int, samples: int, entries: int, device: torch.device):
 
 
 
+def _use_native(t: torch.Tensor) -> bool:
+    """Whether the CPU kernels of :mod:`._native` run on ``t``: a plain CPU tensor outside any trace
+    (``torch.compile`` sees the torch implementation, which it can trace)."""
+    return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and _native.available())
+
+
 def _real_view(spec: torch.Tensor) -> torch.Tensor:
     """``(T, K)`` complex as ``(T, 2K)`` real, real and imaginary parts interleaved."""
     return torch.view_as_real(spec).reshape(spec.shape[0], -1)
@@ -344,6 +395,10 @@ def _forward_map(rx: torch.Tensor, b: SpectralPlan, coef: torch.Tensor) -> torch
     """
     tokens, src = rx.shape[0], _real_view(rx)
     samples, entries = coef.shape
+    if samples == 1 and _use_native(rx):
+        half = torch.zeros(tokens, 2 * (b.d_out // 2 + 1), dtype=coef.dtype)
+        _native.scatter_products(src, half, b.in_cols.to(torch.int32), b.out_cols.to(torch.int32), coef[0])
+        return torch.fft.irfft(torch.view_as_complex(half.view(tokens, -1, 2)), n=b.d_out)
     half, reused = _half_spectrum(rx, b.d_out // 2 + 1, coef.dtype)
     blocks = list(_blocks(tokens, samples, entries, rx.device))
     buf = torch.empty(blocks[0][1] - blocks[0][0], entries, dtype=coef.dtype, device=rx.device)
@@ -367,6 +422,16 @@ def _backward_map(gy: torch.Tensor, x2: torch.Tensor | None, b: SpectralPlan, co
     tokens, entries = gy.shape[0], b.in_cols.numel()
     g_spec = torch.fft.rfft(gy)
     g_src = _real_view(g_spec)
+    if samples == 1 and _use_native(gy):
+        in_cols, out_cols = b.in_cols.to(torch.int32), b.out_cols.to(torch.int32)
+        prod = grad_x2 = None
+        if x2 is not None:
+            prod = _native.pair_products(_real_view(torch.fft.rfft(x2)), g_src, in_cols, out_cols).unsqueeze(0)
+        if coef is not None:
+            half = torch.zeros(tokens, 2 * (b.d_in // 2 + 1), dtype=gy.dtype)
+            _native.scatter_products(g_src, half, out_cols, in_cols, coef[0])
+            grad_x2 = torch.fft.irfft(torch.view_as_complex(half.view(tokens, -1, 2)), n=b.d_in)
+        return grad_x2, prod
     prod = half = x_src = x_buf = None
     reused = False
     blocks = list(_blocks(tokens, samples, entries, gy.device))
@@ -397,6 +462,89 @@ def _spectrum_grads(prod: torch.Tensor, b: SpectralPlan, spectra: Sequence[torch
         prod = prod.new_zeros(len(spectra) + 1, prod.shape[1]).index_add_(0, slots, prod)[:-1]
     dc = (prod * b.grad_sign.to(cdtype)).reshape(-1, 2).sum(1) / (b.d_out * b.d_in)
     return [(part * a).to(s.dtype) for part, a, s in zip(dc.split([s.numel() for s in spectra]), scalings, spectra)]
+
+
+def delta_weight(spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan], scalings: Sequence[float],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r"""``sum_a dW_a`` as a ``(d_out, d_in)`` tensor, by one real ``irfft2`` (no gradient).
+
+    Equal to the sum of :func:`dense_delta_weight` (PEFT's complex ``ifft2`` of the full spectrum)
+    but about twice as fast: each real coefficient goes to the Hermitian half spectrum
+    ``(d_out, d_in // 2 + 1)`` (an entry in the upper half of the columns as its mirror
+    ``(-p, d_in - q)``, which leaves the real part unchanged), and ``irfft2`` of that is
+    ``Re(ifft2(S))``.
+
+    Args:
+        spectra: one coefficient vector ``(n_a,)`` per adapter (read, not differentiated).
+        plans: their :class:`SpectralPlan` objects, for one ``(d_out, d_in)``.
+        scalings: one scaling ``a`` per adapter.
+        dtype: float32 or float64, the dtype of the FFT and of the result.
+
+    Returns:
+        ``(d_out, d_in)`` tensor of ``dtype`` on the plans' device.
+    """
+    d_out, d_in = plans[0].d_out, plans[0].d_in
+    cols = 2 * (d_in // 2 + 1)
+    half = torch.zeros(d_out * cols, dtype=dtype, device=plans[0].merge_index.device)
+    with torch.no_grad():
+        for c, b, a in zip(spectra, plans, scalings):
+            half.index_add_(0, b.merge_index, c.detach().to(dtype) * b.merge_weight.to(dtype), alpha=float(a))
+    return torch.fft.irfft2(torch.view_as_complex(half.view(d_out, cols // 2, 2)), s=(d_out, d_in))
+
+
+def merged_weight(weight: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
+                  scalings: Sequence[float], transposed: bool = False) -> torch.Tensor:
+    """``W + sum_a dW_a`` in ``nn.Linear``'s orientation ``(d_out, d_in)`` and ``weight``'s dtype.
+
+    A new tensor every call (it is what the merged path of :func:`linear_spectral_apply` multiplies
+    with); ``weight`` is stored ``(d_in, d_out)`` when ``transposed`` (transformers' ``Conv1D``).
+    """
+    dw = delta_weight(spectra, plans, scalings, _compute_dtype(weight, spectra))
+    with torch.no_grad():
+        return dw.add_(weight.t() if transposed else weight).to(weight.dtype)
+
+
+def _pair_block_rows(cols: int, device: torch.device, tokens: int) -> int:
+    """Tokens per block of :func:`_sampled_products`: two ``(cols, rows)`` transposed blocks of about
+    ``2**17`` values each stay in a core's L2 cache; GPUs take one block."""
+    if device.type != "cpu":
+        return max(tokens, 1)
+    return max(16, min(tokens, _BLOCK_ELEMS // cols))
+
+
+def _sampled_products(x2: torch.Tensor, gy: torch.Tensor, plans: Sequence[SpectralPlan]) -> list[torch.Tensor]:
+    """Per plan, ``(1, 2n)`` products ``sum_t R[t, in_col] G[t, out_col]`` of ``R = rfft(x)``, ``G = rfft(dL/dy)``
+    (real views), as :func:`_backward_map` returns them, by sampled dense-dense products.
+
+    Tokens go in blocks; each block's half spectra are transposed to feature-major (bins by tokens) so
+    that every distinct pair is one contiguous dot product over the block's tokens
+    (``torch.sparse.sampled_addmm`` on the plan's CSR pattern). That replaces ``2 x T x 2n``
+    element gathers by ``T x (2 K_in + 2 K_out)`` transposed copies, which wins when ``n`` is large
+    against the widths (``n = 1000`` at ``d = 768``).
+    """
+    tokens, device = x2.shape[0], x2.device
+    if _use_native(x2):
+        r, g = _real_view(torch.fft.rfft(x2)), _real_view(torch.fft.rfft(gy))
+        return [_native.pair_products(r, g, b.in_cols.to(torch.int32), b.out_cols.to(torch.int32)).unsqueeze(0)
+                for b in plans]
+    rows_in, rows_out = 2 * (plans[0].d_in // 2 + 1), 2 * (plans[0].d_out // 2 + 1)
+    block = _pair_block_rows(max(rows_in, rows_out), device, tokens)
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice, once per process
+        warnings.simplefilter("ignore", UserWarning)
+        patterns = [torch.sparse_csr_tensor(b.pair_crow, b.pair_cols, x2.new_zeros(b.pair_cols.numel()),
+                                            (rows_in, rows_out), check_invariants=False) for b in plans]
+    sums = [x2.new_zeros(b.pair_cols.numel()) for b in plans]
+    r_t = x2.new_empty(rows_in, block)
+    g_t = x2.new_empty(rows_out, block)
+    for s in range(0, tokens, block):
+        k = min(block, tokens - s)
+        rt = r_t[:, :k] if k == block else x2.new_empty(rows_in, k)
+        gt = g_t[:, :k] if k == block else x2.new_empty(rows_out, k)
+        rt.copy_(_real_view(torch.fft.rfft(x2[s:s + k])).t())
+        gt.copy_(_real_view(torch.fft.rfft(gy[s:s + k])).t())
+        for acc, pattern in zip(sums, patterns):
+            acc += torch.sparse.sampled_addmm(pattern, rt, gt.t(), beta=0.0).values()
+    return [acc[b.pair_inverse].unsqueeze(0) for acc, b in zip(sums, plans)]
 
 
 def _check_adapters(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
@@ -492,36 +640,147 @@ class _LinearSpectralApply(torch.autograd.Function):
         return (grad_x, None, None, None, None, None, None, *grad_c)
 
 
+class _MergedLinearApply(torch.autograd.Function):
+    """A frozen linear layer with its adapters merged in for this step: ``y = x @ (W + dW)^T + b``.
+
+    ``merged`` (``W + dW``, oriented ``(d_out, d_in)``, built by :func:`merged_weight` with no
+    gradient) serves the forward and the input gradient, one GEMM each, as in the frozen layer. The
+    spectrum gradient comes from the half spectra of ``x`` and ``dL/dy``
+    (:func:`_sampled_products`). Saves ``x`` (only if a spectrum needs a gradient), ``merged`` and
+    the spectra.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, merged: torch.Tensor, bias: torch.Tensor | None, plans: list[SpectralPlan],
+                scalings: list[float], cdtype: torch.dtype, *spectra: torch.Tensor) -> torch.Tensor:
+        ctx.plans, ctx.scalings, ctx.cdtype = plans, scalings, cdtype
+        ctx.save_for_backward(x if any(s.requires_grad for s in spectra) else None, merged, *spectra)
+        return torch.nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, merged, *spectra = ctx.saved_tensors
+        plans, scalings, cdtype = ctx.plans, ctx.scalings, ctx.cdtype
+        need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:])
+        grad_x = grad_y.matmul(merged) if need_x else None
+        grad_c = [None] * len(spectra)
+        if need_c:
+            b0 = plans[0]
+            x2, gy = x.reshape(-1, b0.d_in).to(cdtype), grad_y.reshape(-1, b0.d_out).to(cdtype)
+            if x2.shape[0] == 0:
+                grad_c = [torch.zeros_like(s) for s in spectra]
+            else:
+                prods = _sampled_products(x2, gy, plans)
+                grad_c = [_spectrum_grads(p, b, [s], [a], cdtype)[0]
+                          for p, b, s, a in zip(prods, plans, spectra, scalings)]
+        return (grad_x, None, None, None, None, None, *grad_c)
+
+
 def _compute_dtype(x: torch.Tensor, spectra: Sequence[torch.Tensor]) -> torch.dtype:
     # CPU FFTs have no half precision and CUDA's needs power-of-two sizes: compute in fp32 at least
     wide = x.dtype == torch.float64 or any(s.dtype == torch.float64 for s in spectra)
     return torch.float64 if wide else torch.float32
 
 
-# Cost model of choose_path, fitted on a 2-core AVX-512 Xeon (torch 2.13, one thread), in ns.
-_NS_PER_ENTRY = 2.0  # per token and entry: gather, scale, scatter
-_NS_PER_FFT_POINT = 0.3  # per token and d*log2(d) of rfft(x) plus irfft(H)
-_NS_PER_MAC = 0.0125  # GEMM x @ dW.T
-_NS_PER_IFFT2_POINT = 0.4  # building dW: per d_out*d_in*log2(d_out*d_in)
-_NS_OVERHEAD = 80_000.0  # fixed cost of the spectral path's ~15 kernel launches
+# Cost model of choose_path, in ns, fitted on this project's 2-core AMD EPYC (torch 2.13, MKL FFTs) from
+# benchmarks/bench_spectral_op.py's forced-path runs and the timings of the parts; one table per thread
+# count and per implementation of the token maps (the native kernels of ._native, or torch's gathers).
+# Per token: "entry" per entry and map (gather, scale, scatter), "fft" per (d log2 d) point of one real
+# FFT, "pair" per sampled product of the spectrum gradient, "transpose" per value copied to feature-major
+# (torch fallback of the merged path only). Per step: "ifft2" per (d_out d_in log2(d_out d_in)) point of
+# building dW ("ifft2_big" beyond 2**22 values, where it falls out of cache), "mac" per multiply-add of a
+# GEMM. Both paths have about the same fixed cost (a few hundred microseconds), left out.
+_COSTS = {
+    (True, 1): dict(entry=4.5, fft=0.40, pair=0.9, transpose=0.0, ifft2=0.30, ifft2_big=0.60, mac=0.025),
+    (True, 2): dict(entry=3.0, fft=0.25, pair=0.45, transpose=0.0, ifft2=0.20, ifft2_big=0.40, mac=0.014),
+    (False, 1): dict(entry=7.0, fft=0.40, pair=0.2, transpose=1.4, ifft2=0.30, ifft2_big=0.60, mac=0.025),
+    (False, 2): dict(entry=5.0, fft=0.25, pair=0.1, transpose=1.0, ifft2=0.20, ifft2_big=0.40, mac=0.014),
+}
+PATHS = ("spectral", "merged", "dense")
+_FORCED: list[str] = []
 
 
-def choose_path(tokens: int, d_out: int, d_in: int, n_total: int, needs_grad: bool) -> str:
-    """Which path :func:`spectral_apply` takes for ``tokens`` rows: ``"spectral"`` or ``"dense"``.
+@contextmanager
+def forced_path(path: str):
+    """Within the block, :func:`choose_path` answers ``path`` wherever that path applies.
 
-    With ``needs_grad`` (training) always ``"spectral"``: it never builds a ``d_out x d_in``
-    tensor. Without gradients, ``"dense"`` (``dW`` by ``ifft2``, then one GEMM) when the cost model
-    above says it is cheaper: small layers with enough tokens (one thread, n=1000, 512 tokens:
-    d=64 0.15 ms dense vs 1.16 ms spectral; d=256 0.81 vs 1.48 ms; d=768 7.3 vs 2.6 ms).
-    ``n_total`` is the entry count summed over the adapters.
+    For tests and benchmarks that compare paths on the same inputs. ``"merged"`` applies to
+    :func:`linear_spectral_apply` with a float32/float64 weight, ``"dense"`` to :func:`spectral_apply`
+    without gradients, ``"spectral"`` everywhere; elsewhere the rule still decides.
+
+    Raises:
+        ValueError: if ``path`` is not one of :data:`PATHS`.
     """
-    if needs_grad or tokens == 0:
-        return "spectral"
-    fft_points = d_in * math.log2(max(d_in, 2)) + d_out * math.log2(max(d_out, 2))
-    spectral = _NS_OVERHEAD + tokens * (_NS_PER_ENTRY * n_total + _NS_PER_FFT_POINT * fft_points)
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}: expected one of {PATHS}")
+    _FORCED.append(path)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _fft_points(d: int) -> float:
+    return d * math.log2(max(d, 2))
+
+
+def path_costs(tokens: int, d_out: int, d_in: int, n_total: int, needs_grad: bool, *, fused: bool = False,
+               dtype: torch.dtype = torch.float32, threads: int | None = None,
+               cached: bool = False) -> dict[str, float]:
+    """Modelled nanoseconds of each path that applies (see :func:`choose_path`), beyond the frozen layer."""
+    compiling = torch.compiler.is_compiling()
+    if threads is None:  # torch.get_num_threads() breaks a traced graph; a trace assumes several threads
+        threads = 2 if compiling else torch.get_num_threads()
+    native = not compiling and _native.available()
+    k = _COSTS[(native, 1 if threads <= 1 else 2)]
+    f_in, f_out = _fft_points(d_in), _fft_points(d_out)
     size = d_out * d_in
-    dense = _NS_PER_IFFT2_POINT * size * math.log2(max(size, 2)) + _NS_PER_MAC * tokens * size
-    return "dense" if dense < spectral else "spectral"
+    build = 0.0 if cached else k["ifft2" if size <= 1 << 22 else "ifft2_big"] * size * math.log2(max(size, 2))
+    if needs_grad:  # rfft x, irfft H | rfft dL/dy, rfft x again, irfft; maps: forward, input grad, products
+        per_token = 3 * k["entry"] * n_total + k["fft"] * (3 * f_in + 2 * f_out)
+    else:
+        per_token = k["entry"] * n_total + k["fft"] * (f_in + f_out)
+    costs = {"spectral": tokens * per_token}
+    if fused and dtype in (torch.float32, torch.float64):
+        merged = build
+        if needs_grad:
+            pairs = 2 * n_total
+            copies = 2 * (d_in // 2 + 1) + 2 * (d_out // 2 + 1)
+            merged += tokens * (k["fft"] * (f_in + f_out) + k["transpose"] * copies + k["pair"] * pairs)
+        costs["merged"] = merged
+    if not fused and not needs_grad:
+        costs["dense"] = build + k["mac"] * tokens * size
+    return costs
+
+
+def choose_path(tokens: int, d_out: int, d_in: int, n_total: int, needs_grad: bool, *, fused: bool = False,
+                dtype: torch.dtype = torch.float32, threads: int | None = None, cached: bool = False) -> str:
+    """Which path to take for ``tokens`` rows through a ``(d_out, d_in)`` layer with ``n_total`` entries.
+
+    * ``"spectral"``: the activation-side map (module docstring); never builds a ``d_out x d_in``
+      tensor. Per token it costs 2 FFTs and one gather/scatter map without gradients, 5 and 3 with.
+    * ``"merged"`` (``fused``: the frozen base product runs inside the adapter's op, float32/float64):
+      ``W + dW`` built once (one real ``irfft2``), then the frozen layer's GEMMs on it; with gradients
+      the spectrum gradient adds 2 FFTs, 2 transposed copies and ``2 n`` sampled products per token.
+      ``cached``: ``W + dW`` is already built (gradient accumulation, repeated inference).
+    * ``"dense"`` (not ``fused``, no gradients): ``dW`` built, then one extra GEMM ``x @ dW^T``.
+
+    The costs are :func:`path_costs`' model, fitted per thread count (``threads``, default
+    ``torch.get_num_threads()``) and for the native kernels being available or not. Measured with
+    ``benchmarks/bench_spectral_op.py --methods frozen,ours@spectral,ours@merged`` (2 threads, n=1000,
+    a training step): the merged path wins at d=384 and at d=768-1024 from a few hundred tokens per
+    forward, the spectral path at d >= 2048 below about a thousand tokens (building ``dW`` costs 11 ms
+    at 2048 and 146 ms at 4096) and for very short inputs. Inside :func:`forced_path` the forced path
+    is returned where it applies.
+    """
+    if tokens == 0:
+        return "spectral"
+    costs = path_costs(tokens, d_out, d_in, n_total, needs_grad, fused=fused, dtype=dtype, threads=threads,
+                       cached=cached)
+    if _FORCED and _FORCED[-1] in costs:
+        return _FORCED[-1]
+    return min(costs, key=costs.get)
 
 
 def spectral_apply(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
@@ -602,12 +861,22 @@ def spectral_apply_per_sample(x: torch.Tensor, spectra: Sequence[torch.Tensor], 
 
 def linear_spectral_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           spectra: Sequence[torch.Tensor], plans: Sequence[SpectralPlan],
-                          scalings: Sequence[float], transposed: bool = False) -> torch.Tensor:
+                          scalings: Sequence[float], transposed: bool = False, path: str | None = None,
+                          merged: torch.Tensor | None = None) -> torch.Tensor:
     r"""``linear(x, W, bias) + x @ (sum_a dW_a).T`` for a **frozen** ``W``, as one autograd node.
 
-    Equal to ``F.linear(x, W, bias) + spectral_apply(x, ...)`` but cheaper to train: the adapters'
-    output and input gradient are added in place into the base layer's. ``weight`` and ``bias`` get
-    no gradient (use :func:`spectral_apply` beside the base layer when they train).
+    Equal to ``F.linear(x, W, bias) + spectral_apply(x, ...)`` but cheaper to train. Two paths
+    (:func:`choose_path` with ``fused=True`` picks one unless ``path`` is given):
+
+    * ``"spectral"``: the adapters' output and input gradient, computed on the activations, are
+      added in place into the base layer's;
+    * ``"merged"``: one GEMM on ``W + dW`` forward and one backward, as the frozen layer does, and
+      the spectrum gradient from the half spectra of ``x`` and ``dL/dy``. ``merged`` passes a
+      ``W + dW`` already built by :func:`merged_weight` for these spectra (a layer keeps it across
+      the micro-batches of one optimizer step); it implies this path.
+
+    ``weight`` and ``bias`` get no gradient (use :func:`spectral_apply` beside the base layer when
+    they train).
 
     Args:
         x: input ``(..., d_in)``.
@@ -618,17 +887,35 @@ def linear_spectral_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         plans: one :class:`SpectralPlan` per adapter, on ``x``'s device.
         scalings: one scaling ``a`` per adapter.
         transposed: whether ``weight`` is stored ``(d_in, d_out)``.
+        path: ``"spectral"`` or ``"merged"``; ``None`` lets :func:`choose_path` decide.
+        merged: ``W + dW`` for exactly these spectra, ``(d_out, d_in)``, in ``weight``'s dtype.
 
     Returns:
         Tensor ``(..., d_out)`` in ``x.dtype``.
 
     Raises:
-        ValueError: on mismatched lengths or shapes, or a weight or bias that requires grad.
+        ValueError: on mismatched lengths or shapes, an unknown path, or a weight or bias that
+            requires grad.
     """
     d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_spectral_apply needs a frozen weight and bias (requires_grad=False)")
     _check_adapters(x, spectra, plans, scalings, d_out, d_in)
+    if path not in (None, "spectral", "merged"):
+        raise ValueError(f"linear_spectral_apply: unknown path {path!r}, expected 'spectral' or 'merged'")
+    if merged is not None:
+        if merged.shape != (d_out, d_in) or merged.dtype != weight.dtype:
+            raise ValueError(f"merged must be a ({d_out}, {d_in}) {weight.dtype} tensor, got "
+                             f"{tuple(merged.shape)} {merged.dtype}")
+        path = "merged"
     cdtype = _compute_dtype(x, spectra)
-    return _LinearSpectralApply.apply(x, weight, bias, transposed, _concat(plans), [float(a) for a in scalings],
-                                      cdtype, *spectra)
+    scalings = [float(a) for a in scalings]
+    if path is None:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *spectra))
+        path = choose_path(x.numel() // d_in, d_out, d_in, sum(s.numel() for s in spectra), needs_grad,
+                           fused=True, dtype=weight.dtype)
+    if path == "merged":
+        if merged is None:
+            merged = merged_weight(weight, spectra, plans, scalings, transposed)
+        return _MergedLinearApply.apply(x, merged, bias, list(plans), scalings, cdtype, *spectra)
+    return _LinearSpectralApply.apply(x, weight, bias, transposed, _concat(plans), scalings, cdtype, *spectra)
