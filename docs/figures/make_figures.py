@@ -193,7 +193,13 @@ def figure_boft_factors() -> None:
 COMMANDS = {
     "serving": "python benchmarks/bench_serving.py",
     "models": "python benchmarks/bench_models.py",
-    "spectral_op": "python benchmarks/bench_spectral_op.py",
+    "spectral_op": "python benchmarks/bench_spectral_op.py --methods frozen,ours,ours@spectral,ours@merged,peft_fft,peft_lora",
+    "spectral_op_cpu1": "python benchmarks/bench_spectral_op.py --threads 1 --methods frozen,ours,ours@spectral,ours@merged,"
+                        "peft_fft,peft_lora --out benchmarks/results/spectral_op_cpu1.json",
+    "spectral_op_accum4": "python benchmarks/bench_spectral_op.py --accumulate 4 --shapes 768:128,768:512,1024:512,2048:2048 "
+                          "--out benchmarks/results/spectral_op_accum4.json",
+    "models_cpu1": "python benchmarks/bench_models.py --threads 1 --models minilm-qv,minilm-all,bert "
+                   "--variants frozen,ours-fourierft,peft-fourierft,peft-lora-r8 --out benchmarks/results/models_cpu1.json",
     "butterfly_op": "python benchmarks/bench_butterfly_op.py",
 }
 
@@ -308,7 +314,7 @@ def _pairs(variants: list[str]) -> dict[str, str]:
     return out
 
 
-def bench_models(data: dict) -> str:
+def bench_models(data: dict, name: str = "models") -> str:
     rows = data["rows"]
     models = list(dict.fromkeys(r.get("model", "model") for r in rows))
     metrics = [("train_ms", "training step (ms)"), ("eval_ms", "eval forward, unmerged (ms)")]
@@ -328,7 +334,7 @@ def bench_models(data: dict) -> str:
     fig.suptitle("Whole models (benchmarks/bench_models.py): blue = fourierft, orange = peft, grey = peft LoRA",
                  fontsize=11)
     fig.tight_layout()
-    _save(fig, "bench_models.png")
+    _save(fig, f"bench_{name}.png")
     table_rows = []
     for model in models:
         sub = {r["variant"]: r for r in rows if r.get("model", "model") == model}
@@ -340,54 +346,84 @@ def bench_models(data: dict) -> str:
             over = r["train_ms"] - base if base and r.get("train_ms") and variant != "frozen" else None
             over_ref = ref["train_ms"] - base if base and ref and ref.get("train_ms") else None
             over_ratio = fmt(over / over_ref, 2) if over and over_ref and over > 0 and over_ref > 0 else "-"
-            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(over), over_ratio,
+            lora = sub.get("peft-lora-r8")
+            over_lora = lora["train_ms"] - base if base and lora and variant != "frozen" else None
+            vs_lora = fmt(over / over_lora, 2) if over is not None and over_lora and over_lora > 0 else "-"
+            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(over), over_ratio, vs_lora,
                                fmt(r.get("eval_ms")), fmt(r.get("eval_merged_ms")), fmt(r.get("generate_ms")),
                                fmt(r.get("saved_MiB"), 2), fmt(r.get("trainable"))])
     table = markdown_table(["model", "variant", "train ms", "train / peft", "over frozen ms", "over frozen / peft's",
-                            "eval ms", "eval merged ms", "generate ms", "saved for backward MiB", "trainable params"],
+                            "over frozen / LoRA's", "eval ms", "eval merged ms", "generate ms", "saved for backward MiB", "trainable params"],
                            table_rows)
-    return f"![model benchmark](figures/bench_models.png)\n\n{describe_run(data)}\n\n{table}"
+    return f"![model benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\n{table}"
 
 
 def _tokens(r: dict):
     return r.get("tokens", r.get("T"))
 
 
-SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft FourierFT", "peft_fft": "peft FourierFT",
-                   "peft_lora": "peft LoRA r=8"}
+SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft (chosen path)", "ours@spectral": "fourierft, spectral path",
+                   "ours@merged": "fourierft, merged path", "peft_fft": "peft FourierFT", "peft_lora": "peft LoRA r=8"}
 BUTTERFLY_LABELS = {"frozen": "frozen layer", "ours": "fourierft BOFT", "peft_boft": "peft BOFT",
                     "peft_lora": "peft LoRA r=8"}
+SPECTRAL_STYLES = {"ours": ("tab:blue", "-"), "ours@spectral": ("tab:blue", ":"), "ours@merged": ("tab:cyan", "--"),
+                   "peft_fft": ("tab:orange", "-"), "peft_lora": ("tab:gray", "-")}
 
 
-def bench_spectral_op(data: dict) -> str:
+def _chosen_path(tokens: int, d: int, n: int, threads: int) -> str:
+    from fourierft.ops.spectral import choose_path
+
+    return choose_path(tokens, d, d, n, True, fused=True, threads=threads)
+
+
+def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
     rows = data["rows"]
-    shapes = list(dict.fromkeys((r["d"], _tokens(r)) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(shapes)), 4))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        values = []
-        for shape in shapes:
-            match = [r for r in rows if (r["d"], _tokens(r)) == shape and r["method"] == method]
-            values.append(match[0]["median_ms"] if match else np.nan)
-        ax.bar(np.arange(len(shapes)) + (i - (len(methods) - 1) / 2) * width, values, width,
-               label=SPECTRAL_LABELS.get(method, method))
-    ax.set_xticks(range(len(shapes)), [f"d={d}\nT={t}" for d, t in shapes])
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per training step (median)")
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    meta = data.get("meta") or {}
+    threads = meta.get("threads") or 2
+    by = {(r["d"], _tokens(r), r["method"]): r for r in rows}
+    widths = list(dict.fromkeys(r["d"] for r in rows))
+    methods = [m for m in SPECTRAL_STYLES if any(r["method"] == m for r in rows)]
+    cols = min(3, len(widths))
+    fig, axes = plt.subplots((len(widths) + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((len(widths) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, d in zip(axes.flat, widths):
+        tokens = sorted({_tokens(r) for r in rows if r["d"] == d})
+        for method in methods:
+            ys = [by[d, t, method]["vs_frozen"] - 1 if (d, t, method) in by else np.nan for t in tokens]
+            ys = [y if y > 0 else np.nan for y in ys]  # within the noise of the frozen layer: no point on a log axis
+            color, style = SPECTRAL_STYLES[method]
+            ax.plot(tokens, ys, style, color=color, marker="o", ms=3, label=SPECTRAL_LABELS.get(method, method))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"d = {d}", fontsize=9)
+        ax.set_xlabel("tokens per step")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(widths):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("overhead over the frozen layer\n(step time / frozen - 1)")
+    axes.flat[0].legend(fontsize=7)
     n = rows[0].get("n")
-    ax.set_title(f"One FourierFT layer, forward + backward (n={n}; benchmarks/bench_spectral_op.py)", fontsize=10)
+    fig.suptitle(f"One FourierFT layer, training step, {threads} thread(s), n={n} "
+                 f"(benchmarks/bench_spectral_op.py)", fontsize=10)
     fig.tight_layout()
-    _save(fig, "bench_spectral_op.png")
+    _save(fig, f"bench_{name}.png")
+    table_rows = []
+    for d, t in dict.fromkeys((r["d"], _tokens(r)) for r in rows):
+        ours, peft, lora, frozen = (by.get((d, t, m)) for m in ("ours", "peft_fft", "peft_lora", "frozen"))
+        if ours is None or frozen is None:
+            continue
+        lora_over = lora["median_ms"] - frozen["median_ms"] if lora else None
+        ovh = (ours["median_ms"] - frozen["median_ms"]) / lora_over if lora_over and lora_over > 0 else None
+        table_rows.append([
+            d, t, _chosen_path(t, d, n, threads), fmt(frozen["median_ms"], 2), fmt(ours["vs_frozen"], 2),
+            fmt(lora["vs_frozen"], 2) if lora else "-", fmt(peft["vs_frozen"], 2) if peft else "-", fmt(ovh, 2),
+            fmt(ours.get("peft_fft_over_this"), 2), fmt(ours.get("saved_mb"), 1), fmt(peft.get("saved_mb"), 1) if peft else "-",
+            fmt(ours.get("peak_mb"), 1), fmt(peft.get("peak_mb"), 1) if peft else "-", fmt(frozen.get("peak_mb"), 1)])
     table = markdown_table(
-        ["d", "T", "method", "median ms", "x frozen", "peft / this", "saved MiB", "peak MiB"],
-        [[r["d"], _tokens(r), SPECTRAL_LABELS.get(r["method"], r["method"]), fmt(r["median_ms"], 2),
-          fmt(r.get("vs_frozen"), 2),
-          fmt(r.get("peft_fft_over_this"), 2), fmt(r.get("saved_mb", r.get("saved_MiB")), 1),
-          fmt(r.get("peak_mb"), 1)] for r in rows])
-    return f"![spectral op benchmark](figures/bench_spectral_op.png)\n\n{describe_run(data)}\n\n{table}"
+        ["d", "T", "path", "frozen ms", "ours x frozen", "LoRA x frozen", "peft FFT x frozen", "overhead / LoRA's",
+         "peft FFT / ours", "saved MiB ours", "saved MiB peft", "peak MiB ours", "peak MiB peft", "peak MiB frozen"],
+        table_rows)
+    return (f"![spectral op benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\n{table}")
 
 
 def bench_butterfly_op(data: dict) -> str:
@@ -428,6 +464,9 @@ def bench_butterfly_op(data: dict) -> str:
 
 
 BENCHMARKS = {"serving": bench_serving, "models": bench_models, "spectral_op": bench_spectral_op,
+              "spectral_op_cpu1": lambda data: bench_spectral_op(data, "spectral_op_cpu1"),
+              "spectral_op_accum4": lambda data: bench_spectral_op(data, "spectral_op_accum4"),
+              "models_cpu1": lambda data: bench_models(data, "models_cpu1"),
               "butterfly_op": bench_butterfly_op}
 
 
