@@ -177,6 +177,30 @@ def test_native_kernels_report_why_they_are_off(monkeypatch):
     assert spectra[0].grad is not None
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_native_kernels_work_in_a_forked_child():
+    """A child forked after the parent used the thread pool (a DataLoader worker, a forked launcher) still runs
+    the kernels, on a pool of its own."""
+    import os
+
+    if not _native.available():
+        pytest.skip(f"native kernels unavailable here: {_native.status()}")
+    r, g = torch.randn(1024, 10), torch.randn(1024, 10)
+    a, b = torch.tensor([0, 3, 9], dtype=torch.int32), torch.tensor([1, 1, 2], dtype=torch.int32)
+    want = (r[:, a.long()] * g[:, b.long()]).sum(0)
+    with torch.no_grad():
+        torch.testing.assert_close(_native.pair_products(r, g, a, b), want, rtol=1e-5, atol=1e-4)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: a hang here would time the test out instead of passing
+        ok = torch.allclose(_native.pair_products(r, g, a, b), want, rtol=1e-5, atol=1e-4)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+
+
 # ------------------------------------------------------------------------------------ layers and the cache
 def _model(d=48, n=200, conv1d=False):
     from transformers.pytorch_utils import Conv1D

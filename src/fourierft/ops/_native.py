@@ -168,13 +168,28 @@ def status() -> str:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _STATE.get("pool")
-    if pool is None or pool._max_workers != workers:
+    """The worker threads; a new pool after a change of size, and one per process: a forked child has none of
+    the parent's threads, so it does not lean on the executor's bookkeeping of them."""
+    key = (workers, os.getpid())
+    if _STATE.get("pool_key") != key:
         with _LOCK:
-            pool = _STATE.get("pool")
-            if pool is None or pool._max_workers != workers:
-                _STATE["pool"] = pool = ThreadPoolExecutor(workers, thread_name_prefix="fourierft-native")
-    return pool
+            if _STATE.get("pool_key") != key:
+                _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="fourierft-native")
+                _STATE["pool_key"] = key
+    return _STATE["pool"]
+
+
+def _workers(tokens: int) -> int:
+    return max(1, min(torch.get_num_threads(), tokens // _TOKENS_PER_WORKER))
+
+
+def _split(tokens: int, workers: int, call) -> None:
+    """``call(i, t0, t1)`` for ``workers`` equal token ranges, on the pool (the kernels release the GIL)."""
+    bounds = [tokens * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        call(0, 0, tokens)
+        return
+    list(_pool(workers).map(lambda i: call(i, bounds[i], bounds[i + 1]), range(workers)))
 
 
 def pair_products(r: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,18 +204,10 @@ def pair_products(r: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Te
         raise RuntimeError(f"native kernels unavailable: {_STATE['reason']}")
     fn = lib.pair_products_f32 if r.dtype == torch.float32 else lib.pair_products_f64
     tokens, m = r.shape[0], a.numel()
-    workers = max(1, min(torch.get_num_threads(), tokens // _TOKENS_PER_WORKER))
-    acc = r.new_zeros(workers, m)
-    bounds = [tokens * i // workers for i in range(workers + 1)]
+    acc = r.new_zeros(_workers(tokens), m)
     args = (r.data_ptr(), r.stride(0), g.data_ptr(), g.stride(0))
-
-    def run(i: int) -> None:
-        fn(*args, bounds[i], bounds[i + 1], a.data_ptr(), b.data_ptr(), m, acc[i].data_ptr())
-
-    if workers == 1:
-        run(0)
-    else:
-        list(_pool(workers).map(run, range(workers)))
+    _split(tokens, acc.shape[0], lambda i, t0, t1: fn(*args, t0, t1, a.data_ptr(), b.data_ptr(), m,
+                                                       acc[i].data_ptr()))
     return acc.sum(0)
 
 
@@ -220,15 +227,6 @@ def scatter_products(src: torch.Tensor, dst: torch.Tensor, a: torch.Tensor, b: t
         raise RuntimeError(f"native kernels unavailable: {_STATE['reason']}")
     fn = lib.scatter_products_f32 if src.dtype == torch.float32 else lib.scatter_products_f64
     tokens, m = src.shape[0], a.numel()
-    workers = max(1, min(torch.get_num_threads(), tokens // _TOKENS_PER_WORKER))
-    bounds = [tokens * i // workers for i in range(workers + 1)]
     args = (src.data_ptr(), src.stride(0), dst.data_ptr(), dst.stride(0))
-
-    def run(i: int) -> None:
-        fn(*args, bounds[i], bounds[i + 1], a.data_ptr(), b.data_ptr(), w.data_ptr(), m)
-
-    if workers == 1:
-        run(0)
-    else:
-        list(_pool(workers).map(run, range(workers)))
+    _split(tokens, _workers(tokens), lambda i, t0, t1: fn(*args, t0, t1, a.data_ptr(), b.data_ptr(), w.data_ptr(), m))
     return dst
