@@ -307,3 +307,73 @@ def test_trainer_style_train_calls_keep_the_cache():
         kept = _layer(model)._merged_cache
         model.train()
         assert _layer(model)._merged_cache is kept
+
+
+def test_checkpoint_recompute_takes_the_original_path():
+    """A layer used twice in one forward (short and long input, e.g. a shared encoder) under non-reentrant
+    checkpointing: the recompute of the short call must not switch to the merged path because the long call
+    kept W + dW (the saved tensors would then be read as the wrong path's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    config = FourierFTConfig(target_modules=["0"], n_frequency=1000, init_weights=False, scaling=10.0)
+    model = fourierft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(384, 384)), config).train()
+    short, long = torch.randn(20, 384, requires_grad=True), torch.randn(600, 384, requires_grad=True)
+    assert spectral.choose_path(20, 384, 384, 1000, True, fused=True) == "spectral"
+    assert spectral.choose_path(600, 384, 384, 1000, True, fused=True) == "merged"
+
+    def loss(fn):
+        return fn(short).square().sum() + fn(long).square().sum()
+
+    want = torch.autograd.grad(loss(model), [short, long])
+    model.base_model.model[0].drop_merged_cache()  # the short call runs first with nothing kept
+    got = torch.autograd.grad(loss(lambda x: checkpoint(model, x, use_reentrant=False)), [short, long])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_accelerate_hooks_run_in_inference():
+    """accelerate replaces a module's forward (device_map offload): the base layer must run as a module."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = _model()
+    calls = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    add_hook_to_module(_layer(model).base_layer, Count())
+    x = torch.randn(2, 300, 48)
+    with torch.no_grad():
+        y = model(x)
+    model(x.requires_grad_()).sum().backward()
+    assert calls == [1, 1]
+    torch.testing.assert_close(y, _dense_output(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_lifetime_inference_mode_moves_and_copies():
+    import copy
+
+    model = _model()
+    layer = _layer(model)
+    fourierft.set_merged_weight_cache(model, "always")
+    x = torch.randn(2, 300, 48)
+    with torch.inference_mode():  # inference tensors have no version counter: nothing is kept
+        model(x)
+    assert layer._merged_cache is None
+    model.train()
+    model(x).sum().backward()  # and a training forward after it works
+    assert layer._merged_cache is not None
+    assert copy.deepcopy(model).base_model.model[0]._merged_cache is None  # copies do not carry it
+    assert layer._merged_cache is not None
+    model.to("cpu")  # a move drops it (it would stay on the old device)
+    assert layer._merged_cache is None
+    fourierft.set_merged_weight_cache(model, "train")
+    with forced_path("merged"):
+        model(x).sum().backward()
+    assert layer._merged_cache is not None
+    with forced_path("spectral"):  # a forward on the spectral path frees it
+        model(x).sum().backward()
+    assert layer._merged_cache is None

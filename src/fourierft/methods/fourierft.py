@@ -134,7 +134,10 @@ def _has_hooks(module: nn.Module) -> bool:
     shared = (getattr(_module_registry, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_backward_pre_hooks"))
-    return any(bool(h) for h in (*own, *shared))
+    if any(bool(h) for h in (*own, *shared)):
+        return True
+    # accelerate's hooks (device_map offload, align_devices) replace the instance's forward instead
+    return "forward" in module.__dict__ or hasattr(module, "_hf_hook")
 
 
 PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
@@ -233,11 +236,6 @@ class FourierFTLinear(AdapterLayer):
                 (key, str(device)), lambda: _build_plan(positions, key, device))
         return plan
 
-    def prepare_plans(self) -> None:
-        for name, spectrum in self.fourierft_spectrum.items():
-            if spectrum.device.type != "meta":
-                self.plan(name)  # built now, so that a torch.compile'd forward only looks it up
-
     @property
     def indices(self) -> dict[str, torch.Tensor]:
         """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter, on the CPU."""
@@ -290,10 +288,14 @@ class FourierFTLinear(AdapterLayer):
     # ------------------------------------------------------------------ merged path and its cache
     #: When a layer keeps ``W + dW`` (the merged path's weight) after a forward, for the next one:
     #: ``"train"`` (default) in training-mode forwards that need gradients, which reuse it across the
-    #: micro-batches of one optimizer step (gradient accumulation) and hold it no longer than autograd
-    #: would until backward; ``"always"`` also in inference (repeated eval forwards and generation then
-    #: cost what the frozen layer costs, for one extra ``d_out x d_in`` weight per layer); ``"off"``
-    #: never. Set it model-wide with :func:`fourierft.set_merged_weight_cache`.
+    #: micro-batches of one optimizer step (gradient accumulation) and in checkpointed recomputation. It
+    #: stays until the next forward replaces it (through the optimizer step too), the layer takes the
+    #: spectral path, switches between train and eval, merges, moves or loses an adapter: one extra
+    #: ``d_out x d_in`` weight per layer, which autograd holds anyway from forward to backward.
+    #: ``"always"`` also keeps it in inference (repeated eval forwards and generation then cost what the
+    #: frozen layer costs); ``"off"`` never. Set it model-wide with :func:`fourierft.set_merged_weight_cache`.
+    #: A kept weight is checked against the spectra exactly and against the base weight's version counter:
+    #: write a frozen base weight through ``load_state_dict`` or under ``torch.no_grad()``, not ``.data``.
     merged_cache = "train"
 
     def _merged_key(self, adapter_names: list[str], weight: torch.Tensor) -> tuple:
@@ -320,28 +322,52 @@ class FourierFTLinear(AdapterLayer):
 
     def _merged_for(self, x: torch.Tensor, adapter_names: list[str]) -> tuple[str, Optional[torch.Tensor]]:
         """The path :func:`~fourierft.ops.spectral.choose_path` picks for this forward and, for the merged
-        path, ``W + dW`` (kept or built, and kept when the cache policy allows)."""
+        path, ``W + dW`` (kept or built, and kept when the cache policy allows).
+
+        With gradients the path depends only on the shapes, never on whether a weight is kept: a forward that
+        gradient checkpointing recomputes in backward must take the path (and save the tensors) of the
+        original one."""
         weight = self.base_layer.weight
         spectra = [self.fourierft_spectrum[n] for n in adapter_names]
         training = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in spectra))
         if torch.compiler.is_compiling():  # traced graphs keep the activation path: no cache, no sparse kernels
             return "spectral", None
-        keep = self.merged_cache == "always" or (self.merged_cache == "train" and training and self.training)
-        cached = self._cached_merged(adapter_names, weight) if keep else None
-        if cached is None and self._merged_cache is not None and not keep:
-            self._merged_cache = None
+        mode = self.merged_cache
+        # a kept weight may serve this forward: training-mode layers (also the no-grad first pass of reentrant
+        # checkpointing), or any forward with "always"; never inference-mode tensors (no version counter)
+        inference_tensors = torch.is_inference_mode_enabled() or weight.is_inference() or any(
+            s.is_inference() for s in spectra)
+        usable = not inference_tensors and (mode == "always" or (mode == "train" and self.training))
+        store = usable and (mode == "always" or training)
+        cached = self._cached_merged(adapter_names, weight) if usable else None
         path = spectral.choose_path(
             x.numel() // self.in_features, self.out_features, self.in_features, sum(s.numel() for s in spectra),
-            training, fused=True, dtype=weight.dtype, cached=cached is not None or self.merged_cache == "always")
+            training, fused=True, dtype=weight.dtype,
+            cached=not training and (cached is not None or mode == "always"))
+        if path != "merged" or not usable:
+            self._merged_cache = None  # nothing kept that this layer does not use
         if path != "merged":
             return path, None
         if cached is None:
             plans, scalings = [self.plan(n) for n in adapter_names], [self.fourierft_scaling[n] for n in adapter_names]
             cached = spectral.merged_weight(weight, spectra, plans, scalings, transposed=self.fan_in_fan_out)
-            if keep:
+            if store:
                 snapshots = tuple(s.detach().clone() for s in spectra)
                 self._merged_cache = (self._merged_key(adapter_names, weight), snapshots, cached)
+        elif not store:
+            self._merged_cache = None
         return path, cached
+
+    def prepare_plans(self) -> None:
+        self.drop_merged_cache()  # called after the model moves: a kept weight is on the old device
+        for name, spectrum in self.fourierft_spectrum.items():
+            if spectrum.device.type != "meta":
+                self.plan(name)  # built now, so that a torch.compile'd forward only looks it up
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_merged_cache"] = None  # pickling or deep-copying a model does not copy the kept weight
+        return state
 
     def train(self, mode: bool = True):
         if mode != self.training:  # Trainer calls train() every step: keep the cache across those

@@ -167,14 +167,18 @@ def status() -> str:
     return _STATE["reason"]
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The worker threads; a new pool after a change of size, and one per process: a forked child has none of
-    the parent's threads, so it does not lean on the executor's bookkeeping of them."""
-    key = (workers, os.getpid())
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads, ``torch.get_num_threads()`` of them: a new pool only when that changes (the old one is
+    shut down) and one per process (a forked child has none of the parent's threads, so it does not lean on
+    the executor's bookkeeping of them)."""
+    key = (torch.get_num_threads(), os.getpid())
     if _STATE.get("pool_key") != key:
         with _LOCK:
             if _STATE.get("pool_key") != key:
-                _STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="fourierft-native")
+                old = _STATE.get("pool")
+                if old is not None and _STATE["pool_key"][1] == key[1]:
+                    old.shutdown(wait=False)
+                _STATE["pool"] = ThreadPoolExecutor(key[0], thread_name_prefix="fourierft-native")
                 _STATE["pool_key"] = key
     return _STATE["pool"]
 
@@ -189,7 +193,7 @@ def _split(tokens: int, workers: int, call) -> None:
     if workers == 1:
         call(0, 0, tokens)
         return
-    list(_pool(workers).map(lambda i: call(i, bounds[i], bounds[i + 1]), range(workers)))
+    list(_pool().map(lambda i: call(i, bounds[i], bounds[i + 1]), range(workers)))
 
 
 def pair_products(r: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
