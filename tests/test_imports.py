@@ -12,7 +12,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "fourierft"
 #: Imports that may stand inside a function: lazy loading for start-up time, not to break a circle.
-LAZY_OK = {("fourierft", "fourierft.integrations.trainer")}  # AdapterTrainer pulls in transformers.Trainer
+LAZY_OK = {("fourierft", "fourierft.integrations.trainer"),  # AdapterTrainer pulls in transformers.Trainer
+           ("fourierft", "fourierft.integrations.callbacks")}  # SpectrumLRCallback: transformers' training args
 
 
 def module_name(path: Path) -> str:

@@ -16,6 +16,7 @@ from transformers.utils.generic import find_labels
 
 import fourierft
 from fourierft import AdapterTrainer, FourierFTConfig, adapter_param_groups, get_peft_model
+from fourierft.integrations.spectrum_lr import spectrum_lr
 
 ADAPTER_CHECKPOINT = {"README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
                       "scheduler.pt", "trainer_state.json", "training_args.bin"}
@@ -225,7 +226,9 @@ def test_adapter_trainer_learning_rates(tmp_path):
     model = bert_peft()
     trainer = AdapterTrainer(model=model, args=training_args(tmp_path, learning_rate=3e-4, weight_decay=0.1))
     groups = {g["name"]: g for g in trainer.create_optimizer().param_groups}
-    assert groups["adapter"]["lr"] == fourierft.integrations.optim.DEFAULT_ADAPTER_LR["FOURIERFT"]
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    # no adapter_lr: spectra at their layer's rate (tests/test_adapter_lr.py checks the rule)
+    assert groups["fourierft_spectrum 32x32 n=20 scaling=150"]["lr"] == spectrum_lr(layer, "default")
     assert groups["head"]["lr"] == groups["head_no_decay"]["lr"] == 3e-4
     assert (groups["head"]["weight_decay"], groups["head_no_decay"]["weight_decay"]) == (0.1, 0.0)
 

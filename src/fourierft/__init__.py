@@ -80,6 +80,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "SpectrumLRCallback",
     "TaskType",
     "TunerConfig",
     "TunerLayerStatus",
@@ -109,4 +110,8 @@ def __getattr__(name: str):
         from .integrations.trainer import AdapterTrainer
 
         return AdapterTrainer
+    if name == "SpectrumLRCallback":
+        from .integrations.callbacks import SpectrumLRCallback
+
+        return SpectrumLRCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,8 +11,9 @@ overrides four of Trainer's hooks:
 * ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
   (``load_best_model_at_end=True``): the adapter files are loaded into the existing adapters, in place, so
   the optimizer keeps pointing at the same tensors.
-* ``create_optimizer``: separate learning rates for the adapter tensors and for the rest (head,
-  ``modules_to_save``, trainable biases); see :func:`~fourierft.integrations.optim.adapter_param_groups`.
+* ``create_optimizer``: separate learning rates for the adapter tensors (by default one per FourierFT layer
+  width) and for the rest (head, ``modules_to_save``, trainable biases); see
+  :func:`~fourierft.integrations.optim.adapter_param_groups`.
 
 Three of them are private Trainer methods: Trainer has no public hook for how a checkpoint is written or read
 back (its callbacks run after the files exist). Any other model, and the DeepSpeed/FSDP paths, go to Trainer's
@@ -33,7 +34,8 @@ from ..peft_model import PeftModel
 from ..serialization.folders import adapter_dir, load_weights_file
 from ..serialization.state_dict import FINGERPRINT_KEY, set_peft_model_state_dict
 from ..serialization.tensors import WEIGHTS_NAMES
-from .optim import adapter_param_groups, adapter_tensor_ids, resolve_adapter_lr
+from .callbacks import SpectrumLRCallback
+from .optim import adapter_param_groups, adapter_tensor_ids
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +86,20 @@ class AdapterTrainer(Trainer):
 
     Args:
         *args: As ``transformers.Trainer``.
-        adapter_lr: Learning rate of the adapter tensors. Default: the method's entry in
-            :data:`~fourierft.contract.DEFAULT_ADAPTER_LR` (FourierFT: ``5e-2``, as in the paper's
-            scripts), else ``args.learning_rate``.
+        adapter_lr: One learning rate for all adapter tensors. Default: each FourierFT layer gets the rate
+            its width needs (:func:`~fourierft.integrations.spectrum_lr.spectrum_lr`); other methods their
+            entry in :data:`~fourierft.contract.DEFAULT_ADAPTER_LR`, else ``head_lr``.
         head_lr: Learning rate of the other trainable tensors (head, ``modules_to_save``, biases).
             Default: ``args.learning_rate``.
+
+    It installs a :class:`~fourierft.integrations.callbacks.SpectrumLRCallback`, which warns once if a
+    FourierFT spectrum's learning rate is far too small for its layer.
         **kwargs: As ``transformers.Trainer``.
 
     Example::
 
         trainer = AdapterTrainer(model=peft_model, args=TrainingArguments("out", learning_rate=1e-3),
-                                 train_dataset=train, adapter_lr=5e-2)
+                                 train_dataset=train)   # spectra: a learning rate per layer width
         trainer.train()                      # checkpoint-N/ hold adapter_model.safetensors + trainer state
         trainer.train(resume_from_checkpoint=True)
     """
@@ -103,6 +108,8 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.adapter_lr = adapter_lr
         self.head_lr = head_lr
+        if not any(isinstance(c, SpectrumLRCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(SpectrumLRCallback())
 
     def _adapter_model(self, model: Optional[nn.Module] = None) -> Optional[PeftModel]:
         model = self.model if model is None else model
@@ -128,11 +135,9 @@ class AdapterTrainer(Trainer):
             logger.warning("Optimizer %s builds its own parameter groups; adapter_lr/head_lr are not applied",
                            getattr(optimizer_cls, "__name__", optimizer_cls))
             return super().create_optimizer() if model is None else super().create_optimizer(model)
-        peft_model = self._adapter_model(opt_model) or opt_model
         head_lr = self.head_lr if self.head_lr is not None else self.args.learning_rate
-        adapter_lr = resolve_adapter_lr(peft_model, self.adapter_lr, self.args.learning_rate)
-        groups = adapter_param_groups(opt_model, adapter_lr=adapter_lr, head_lr=head_lr,
-                                      weight_decay=self.args.weight_decay)
+        groups = adapter_param_groups(opt_model, adapter_lr=self.adapter_lr, head_lr=head_lr,
+                                      weight_decay=self.args.weight_decay, check_lr=False)  # the callback checks
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
