@@ -11,7 +11,8 @@ and both pipelines must then give identical UNet outputs, text embeddings and ge
 
     python examples/diffusion_boft.py [--steps 60] [--out DIR] [--threads 1]
 
-Needs ``diffusers`` (``pip install fourierft[diffusers]``). About 15 s on one CPU core.
+Needs ``diffusers`` (``pip install "diffusers>=0.30"``, or ``pip install -e ".[diffusers]"`` in a clone); without it
+the script stops with that command. About 15 s on one CPU core.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import string
+import sys
 import tempfile
 import time
 
@@ -198,6 +200,10 @@ def main() -> None:
                         help="torch threads (default 1: these ops are tiny; measured on a busy 2-core machine, one "
                              "step took 0.1 s with 1 thread and 8 s with 2)")
     args = parser.parse_args()
+    try:
+        import diffusers  # noqa: F401  (only to fail early with the install command)
+    except ImportError:
+        sys.exit('diffusers is missing: pip install "diffusers>=0.30" (in a clone: pip install -e ".[diffusers]")')
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     result = run(args.steps, args.out)

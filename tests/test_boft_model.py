@@ -175,7 +175,7 @@ def test_conv2d_any_geometry_merged_equals_unmerged(conv_kwargs, m):
 
 def test_grouped_conv_rejected_and_model_unchanged():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=2"):
+    with pytest.raises(NotImplementedError, match="groups=2"):
         fourierft.get_peft_model(model, BOFTConfig(target_modules=["0"], boft_block_size=2))
     assert type(model[0]) is nn.Conv2d and not hasattr(model, "peft_config")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 
 import peft
 import pytest
@@ -212,8 +213,8 @@ INJECT_CASES = [
     ("boft-second-layer-fails", lambda: nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3)), "boft",
      dict(target_modules=["0", "1"], boft_block_size=4), "default", ValueError,
      r"Layer 1: boft_block_size=4 must divide n=6"),
-    ("boft-grouped-conv", lambda: ConvNet(groups=2), "boft", dict(target_modules=["conv"]), "default", ValueError,
-     "grouped convolutions: conv has groups=2"),
+    ("boft-grouped-conv", lambda: ConvNet(groups=2), "boft", dict(target_modules=["conv"]), "default",
+     NotImplementedError, re.escape("BOFT does not support Conv2d layers with groups > 1 (got groups=2).")),
     ("boft-no-match", MLP, "boft", dict(target_modules=["nope"]), "default", ValueError, "not found"),
     ("boft-layer-out-of-range", _llama, "boft", dict(target_modules=["q_proj"], layers_to_transform=[2, 3]),
      "default", ValueError, r"no layer \[2, 3\]"),
@@ -380,9 +381,9 @@ OP_CASES = [
     ("delete-unknown", None, lambda m, k, t: m.delete_adapter("nope"), ValueError, "Adapter nope does not exist"),
     ("delete-none", None, lambda m, k, t: m.delete_adapter(None), ValueError, "does not exist"),
     ("delete-merged", _merge(["default"]), lambda m, k, t: m.delete_adapter("default"), ValueError,
-     "Adapter default is merged into lin0; unmerge it before deleting it"),
+     re.escape("Cannot delete adapter(s) ['default'] while they are merged. Please unmerge them first.")),
     ("delete-merged-inactive", _merge(["other"]), lambda m, k, t: m.delete_adapter("other"), ValueError,
-     "Adapter other is merged into lin0"),
+     r"Cannot delete adapter\(s\) \['other'\] while they are merged"),
     ("merge-unknown", None, lambda m, k, t: m.merge_adapter(["nope"]), ValueError, "Adapter nope not found"),
     ("merge-bad-type", None, lambda m, k, t: m.merge_adapter(5), TypeError, "Expected an adapter name"),
     ("merge-and-unload-unknown", None, lambda m, k, t: m.merge_and_unload(adapter_names=["nope"]), ValueError,

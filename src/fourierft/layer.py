@@ -99,7 +99,9 @@ class AdapterLayer(nn.Module):
         for name in self.adapter_names():
             for _, p in self.named_adapter_tensors(name):
                 p.requires_grad_(name in names and not inference_mode)
-        self._active_adapters = [n for n in names if n in self.adapter_names()]
+        # kept as given, as in PEFT: a layer that lacks a name reports the model's active adapters (the
+        # forward and merges skip names the layer does not hold)
+        self._active_adapters = names
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients on or off for the tensors of ``adapter_names`` in this layer."""
@@ -359,6 +361,10 @@ def _sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequen
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and a trainable deep copy per adapter (``modules_to_save``)."""
 
+    #: Where the per-adapter copies live, as on an adapter layer (code walking adapter-holding modules reads it).
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module_to_save
@@ -398,18 +404,37 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """Use ``adapter_names``' copy (at most one of them may have one); it trains unless ``inference_mode``."""
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Always empty: a copy is never merged (as PEFT's wrapper)."""
+        return []
+
+    def check_set_adapter(self, adapter_names: str | list[str]) -> Optional[str]:
+        """The one name among ``adapter_names`` that has a copy here, or ``None``; changes nothing.
+
+        Raises:
+            ValueError: Several of them have a copy here (PEFT's wording).
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         owned = [n for n in names if n in self.modules_to_save]
         if len(owned) > 1:
-            raise ValueError(
-                f"Only one adapter can be active on the modules_to_save module {type(self.original_module).__name__}"
-                f", but these are: {owned}"
-            )
+            raise ValueError(f"Only one adapter can be set at a time for {self}, got {len(owned)}")
+        return owned[0] if owned else None
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Use ``adapter_names``' copy (at most one of them may have one); it trains unless ``inference_mode``."""
+        active = self.check_set_adapter(adapter_names)
+        owned = [] if active is None else [active]
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name in owned and not inference_mode)
-        self._active_adapter = owned[0] if owned else None
+        self._active_adapter = active
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the copies of ``adapter_names`` held here."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name in self.modules_to_save:
+                self.modules_to_save[name].requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled

@@ -430,6 +430,8 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
+        for w in self._wrappers():  # every check before any change
+            w.check_set_adapter(names)
         for w in self._wrappers():
             w.set_adapter(names, inference_mode=inference_mode or self._frozen(names))
         for _, layer in self.adapter_layers():
@@ -487,7 +489,8 @@ class AdapterModel(PlansFollowMoves, nn.Module):
             raise ValueError(f"Adapter {adapter_name} does not exist")
         merged = [k for k, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged:
-            raise ValueError(f"Adapter {adapter_name} is merged into {merged[0]}; unmerge it before deleting it")
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             "first.")
         del self.peft_config[adapter_name]
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
@@ -544,18 +547,20 @@ class AdapterModel(PlansFollowMoves, nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights in place, keeping the adapter tensors."""
         layers = [layer for _, layer in self.adapter_layers()]
-        names = self.active_adapters if adapter_names is None else _names(adapter_names)
-        for name in names:
+        # None: each layer merges its own active adapters, as in PEFT (they differ from the model's after a
+        # layer-level set_adapter)
+        names = None if adapter_names is None else _names(adapter_names)
+        for name in names or []:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
-        if layers and all(set(names) <= set(layer.merged_adapters) or not set(names) & set(layer.adapter_names())
-                          for layer in layers):
+        pending = [n for layer in layers for n in layer._to_merge(names)]
+        if layers and not pending:
             warnings.warn("All adapters are already merged, nothing to do.")
             return
         merged = sorted({n for layer in layers for n in layer.merged_adapters})
         if merged:
             warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
-                          f"merging {','.join(n for n in names if n not in merged)}.")
+                          f"merging {','.join(dict.fromkeys(n for n in pending if n not in merged))}.")
         self._merge_layers(layers, names, safe_merge, progressbar=False)
 
     def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
@@ -582,9 +587,9 @@ class AdapterModel(PlansFollowMoves, nn.Module):
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
     ) -> nn.Module:
-        """Merge adapters (default: the active ones) and return the base model with plain layers."""
-        names = self.active_adapters if adapter_names is None else _names(adapter_names)
-        for name in names:  # an unknown name would otherwise unload without merging anything
+        """Merge adapters (default: each layer's active ones) and return the base model with plain layers."""
+        names = None if adapter_names is None else _names(adapter_names)
+        for name in names or []:  # an unknown name would otherwise unload without merging anything
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
         layers = [layer for _, layer in self.adapter_layers()]

@@ -117,8 +117,9 @@ class _BOFTLayer(AdapterLayer):
     @classmethod
     def check_target(cls, module: nn.Module, config: BOFTConfig, key: str) -> tuple[int, int]:
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        if isinstance(base, nn.Conv2d) and base.groups != 1:
-            raise ValueError(f"BOFT does not support grouped convolutions: {key} has groups={base.groups}")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:  # PEFT's type and wording
+            raise NotImplementedError(
+                f"BOFT does not support Conv2d layers with groups > 1 (got groups={base.groups}).")
         try:
             return butterfly.block_geometry(_width(base), config.boft_block_size, config.boft_block_num,
                                             config.boft_n_butterfly_factor)

@@ -1,0 +1,223 @@
+"""The long tail of PEFT's behaviour (issue 23): code written against peft 0.21.2, run unchanged on both libraries
+through the public API (see ``peft_surface.py``); errors are compared by class and full message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from peft_surface import (  # noqa: E402
+    CONFIGS,
+    MLP,
+    Case,
+    build,
+    case_id,
+    check,
+    for_both_methods,
+    grads,
+    layer,
+    output,
+    quiet,
+    raises,
+    two_adapters,
+)
+
+
+# ------------------------------------------------------------------------------------- modules_to_save
+def _two_heads(lib, method):
+    """Two adapters that both keep a trainable copy of ``lin1``."""
+    m = build(lib, method, modules_to_save=["lin1"])
+    torch.manual_seed(1)
+    quiet(m.add_adapter, "other", CONFIGS[method](lib, modules_to_save=["lin1"]))
+    return m
+
+
+def _two_heads_active(lib, tmp, method):
+    m = _two_heads(lib, method)
+    err = raises(lambda: m.base_model.set_adapter(["default", "other"]), message=True)
+    return err, m.active_adapters, layer(m, "lin1").active_adapters, grads(m)
+
+
+def _walk_adapter_modules(lib, tmp, method):
+    """What peft's own ``set_requires_grad`` checks do: every module with ``adapter_layer_names``, read."""
+    m = _two_heads(lib, method)
+    m.set_requires_grad("other", requires_grad=True)
+    seen = []
+    for name, module in m.named_modules():
+        if not hasattr(module, "adapter_layer_names"):
+            continue
+        for attr in module.adapter_layer_names:
+            for adapter, sub in getattr(module, attr).items():
+                flags = [p.requires_grad for p in sub.parameters()] if isinstance(sub, torch.nn.Module) \
+                    else [sub.requires_grad]
+                seen.append((name, attr, adapter, flags))
+    return sorted(seen), grads(m)
+
+
+def _head_set_requires_grad(lib, tmp, method):
+    m = _two_heads(lib, method)
+    head = layer(m, "lin1")
+    head.set_requires_grad("other", requires_grad=True)
+    head.set_requires_grad("default", requires_grad=False)
+    return head.adapter_layer_names, head.merged_adapters, grads(m)
+
+
+# ------------------------------------------------------------------------ layers lacking the active adapter
+def _split(lib, method):
+    """``default`` on lin0 only, ``other`` on lin1 only."""
+    torch.manual_seed(0)
+    m = quiet(lib.get_peft_model, MLP(), CONFIGS[method](lib, target_modules=["lin0"]))
+    torch.manual_seed(1)
+    quiet(m.add_adapter, "other", CONFIGS[method](lib, target_modules=["lin1"]))
+    return m
+
+
+def _actives(m):
+    return [layer(m, "lin0").active_adapters, layer(m, "lin1").active_adapters,
+            [s.active_adapters for s in m.get_layer_status()], m.get_model_status().active_adapters]
+
+
+def _split_set_adapter(lib, tmp, method):
+    m = _split(lib, method)
+    after_add = _actives(m)
+    m.set_adapter("other")
+    return after_add, _actives(m), grads(m), output(m)
+
+
+def _split_both_active(lib, tmp, method):
+    m = _split(lib, method)
+    m.base_model.set_adapter(["default", "other"])
+    return _actives(m), grads(m), output(m)
+
+
+def _split_merge(lib, tmp, method):
+    m = _split(lib, method)
+    m.set_adapter("other")
+    quiet(m.merge_adapter)
+    merged = [layer(m, "lin0").merged_adapters, layer(m, "lin1").merged_adapters]
+    quiet(m.unmerge_adapter)
+    return merged, output(m)
+
+
+def _split_delete(lib, tmp, method):
+    m = _split(lib, method)
+    m.set_adapter("other")
+    quiet(m.delete_adapter, "other")
+    # not compared: what lin1 (which held only "other") reports afterwards, see the next test
+    return m.active_adapters, layer(m, "lin0").active_adapters, grads(m), output(m)
+
+
+# --------------------------------------------------------------------------------------- deleting adapters
+def _delete_merged_message(lib, tmp, method):
+    m = two_adapters(lib, method)
+    quiet(m.merge_adapter)
+    return raises(lambda: m.delete_adapter("default"), message=True), sorted(m.peft_config)
+
+
+def _delete_inactive_merged_message(lib, tmp, method):
+    m = two_adapters(lib, method)
+    quiet(m.merge_adapter, ["other"])
+    return raises(lambda: m.delete_adapter("other"), message=True), layer(m).merged_adapters
+
+
+@pytest.mark.parametrize("method", ["fourierft", "boft"])
+def test_after_delete_every_layer_reports_the_models_active_adapters(method):
+    """Documented difference (docs/migrating.md): PEFT leaves a layer that held only the deleted adapter with no
+    active adapter ([]), and deleting the active adapter that the first layer holds alone leaves PEFT's model with
+    none at all (its get_model_status then raises KeyError); here every layer reports the model's new choice."""
+    import fourierft
+
+    m = _split(fourierft, method)
+    m.set_adapter("other")
+    quiet(m.delete_adapter, "other")
+    assert m.active_adapters == ["default"]
+    assert _actives(m) == [["default"], ["default"], [["default"], ["default"]], ["default"]]
+    m = _split(fourierft, method)
+    quiet(m.delete_adapter, "default")
+    assert m.active_adapters == ["other"] and m.get_model_status().active_adapters == ["other"]
+    assert layer(m, "lin1").active_adapters == ["other"]
+    assert grads(m) == ["base_model.model.lin1.%s" % n for n in _trainable_names(method, "other")]
+
+
+def _trainable_names(method, adapter):
+    return [f"fourierft_spectrum.{adapter}"] if method == "fourierft" else [f"boft_R.{adapter}", f"boft_s.{adapter}"]
+
+
+# ----------------------------------------------------------------- several active adapters, set per layer
+def _layer_class(lib):
+    """What a PEFT user's ``isinstance`` check names: ``BaseTunerLayer`` there, ``AdapterLayer`` here."""
+    if lib.__name__ == "peft":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return BaseTunerLayer
+    return lib.AdapterLayer
+
+
+def _layer_level_active(lib, tmp, method, second_targets, unload=False):
+    """PEFT's ``test_multiple_active_adapters_merge_and_unmerge``: activate both adapters on every layer
+    directly (not through the model), merge, unmerge, disable."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    base = output(model)
+    m = quiet(lib.get_peft_model, model, CONFIGS[method](lib), adapter_name="adapter_1")
+    quiet(m.add_adapter, "adapter_2", CONFIGS[method](lib, target_modules=second_targets))
+    for module in m.modules():
+        if isinstance(module, _layer_class(lib)):
+            module.set_adapter(["adapter_1", "adapter_2"])
+    combined = output(m)
+    if unload:
+        return combined, output(quiet(m.merge_and_unload))
+    quiet(m.merge_adapter)
+    merged = output(m)
+    quiet(m.unmerge_adapter)
+    with m.disable_adapter():
+        disabled = output(m)
+    return combined, merged, disabled, base, m.active_adapters
+
+
+# ------------------------------------------------------------------------------------ BOFT, grouped Conv2d
+class _GroupedConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, groups=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _boft_grouped_conv(lib, tmp, **kw):
+    torch.manual_seed(0)
+    model = _GroupedConv()
+    err = raises(lambda: lib.get_peft_model(model, lib.BOFTConfig(target_modules=["conv"], **kw)), message=True)
+    return err, type(model.conv).__name__
+
+
+CASES = for_both_methods([
+    ("two modules_to_save adapters active at once raises", _two_heads_active),
+    ("ModulesToSaveWrapper.adapter_layer_names (walking adapter modules)", _walk_adapter_modules),
+    ("ModulesToSaveWrapper.set_requires_grad/merged_adapters", _head_set_requires_grad),
+    ("set_adapter: a layer lacking the adapter reports the model's", _split_set_adapter),
+    ("set_adapter([a, b]) on disjoint layers", _split_both_active),
+    ("merge/unmerge with a layer lacking the active adapter", _split_merge),
+    ("delete_adapter with a layer lacking it", _split_delete),
+    ("delete_adapter(merged) message", _delete_merged_message),
+    ("delete_adapter(merged, inactive) message", _delete_inactive_merged_message),
+    ("layer-level set_adapter([a, b]), merge, unmerge (same layer)",
+        lambda lib, tmp, meth: _layer_level_active(lib, tmp, meth, ["lin0"])),
+    ("layer-level set_adapter([a, b]), merge, unmerge (different layers)",
+        lambda lib, tmp, meth: _layer_level_active(lib, tmp, meth, ["lin1"])),
+    ("layer-level set_adapter([a, b]), merge_and_unload",
+        lambda lib, tmp, meth: _layer_level_active(lib, tmp, meth, ["lin0"], unload=True)),
+])
+CASES += [
+    Case("BOFT on a grouped Conv2d raises [boft]", lambda lib, tmp: _boft_grouped_conv(lib, tmp, boft_block_size=2)),
+    Case("BOFT on a grouped Conv2d raises, block_num [boft]",
+         lambda lib, tmp: _boft_grouped_conv(lib, tmp, boft_block_size=0, boft_block_num=2)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_behaves_as_peft(case, tmp_path):
+    check(case, tmp_path)
