@@ -1,4 +1,7 @@
-"""Contract tests for fourierft.ops.spectral: PEFT golden values, fast path == dense maths."""
+"""Contract tests for fourierft.ops.spectral and the op: PEFT golden values, every route == the dense maths.
+
+The reference is PEFT's definition, ``scaling * Re(ifft2(S))``, written here (:func:`dense_delta_weight`) and
+nowhere in ``src/``: the library builds ``dW`` one way (:func:`fourierft.ops.spectral.delta_weight`)."""
 
 import math
 
@@ -8,19 +11,51 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fourierft.ops import _native
 from fourierft.ops.spectral import (
     SpectralPlan,
     band_frequency_indices,
-    choose_path,
-    dense_delta_weight,
+    delta_weight,
     frequency_indices,
-    linear_spectral_apply,
     make_spectral_plan,
-    plan_buffers,
-    plan_from_buffers,
-    spectral_apply,
-    spectral_apply_per_sample,
 )
+from fourierft.ops.spectral_op import fourierft_linear
+from fourierft.ops.spectral_routes import choose_route, route_costs
+
+
+def dense_delta_weight(spectrum, indices, d_out, d_in, scaling):
+    """PEFT's definition, ``scaling * Re(ifft2(S))`` with ``S[p, q] = c`` (float64; differentiable)."""
+    dense = torch.zeros(d_out, d_in, dtype=torch.float64).index_put((indices[0], indices[1]), spectrum.double())
+    return (torch.fft.ifft2(dense).real * scaling).to(spectrum.dtype)
+
+
+def spectral_apply(x, spectra, plans, scalings, d_out, route=None):
+    """``x @ dW^T`` through the op (no base weight); ``route`` forces one."""
+    assert all(p.d_out == d_out for p in plans)
+    return fourierft_linear(x, spectra, plans, scalings, route=route)
+
+
+def spectral_apply_per_sample(x, spectra, plan, scalings, slots):
+    return fourierft_linear(x, spectra, [plan] * len(spectra), scalings, slots=slots)
+
+
+def linear_spectral_apply(x, w, bias, spectra, plans, scalings, transposed=False, route=None):
+    return fourierft_linear(x, spectra, plans, scalings, weight=w, bias=bias, transposed=transposed, route=route)
+
+
+def _no_native(monkeypatch):
+    monkeypatch.setitem(_native._STATE, "lib", None)
+    monkeypatch.setitem(_native._STATE, "reason", "off for this test")
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Both implementations of the CPU token maps: the C kernels and the torch bodies every other device runs."""
+    if request.param == "native" and not _native.available():
+        pytest.skip(f"native kernels unavailable here: {_native.status()}")
+    if request.param == "torch":
+        _no_native(monkeypatch)
+    return request.param
 
 # ---------------------------------------------------------------- indices (PEFT compatibility)
 
@@ -68,20 +103,26 @@ def test_frequency_indices_rejects_bad_count(n):
         frequency_indices(3, 4, n, 0)
 
 
-def test_dense_delta_weight_golden():
+@pytest.mark.parametrize("build", ["library", "reference"])
+def test_delta_weight_golden(build):
     idx = frequency_indices(4, 3, 3, 777)
     assert idx.tolist() == [[3, 2, 1], [2, 1, 0]]
-    dw = dense_delta_weight(torch.tensor([1.0, 2.0, 3.0]), idx, 4, 3, 150.0)
+    c = torch.tensor([1.0, 2.0, 3.0])
+    if build == "library":
+        dw = delta_weight([c], [make_spectral_plan(idx, 4, 3).weight], [150.0])
+    else:
+        dw = dense_delta_weight(c, idx, 4, 3, 150.0).float()
     expected = torch.tensor([[75, 18.75, 18.75], [-25, 1.6747, 23.3253],
                              [-25, -43.75, -43.75], [-25, 23.3253, 1.6747]])
     torch.testing.assert_close(dw, expected, atol=1e-4, rtol=0)
 
 
-def test_dense_delta_weight_keeps_float64_and_matches_closed_form():
-    d_out, d_in, n, a = 6, 5, 9, 2.0
+@pytest.mark.parametrize("shape", [(6, 5), (7, 7), (13, 4), (2, 17)])
+def test_delta_weight_keeps_float64_and_matches_closed_form(shape):
+    (d_out, d_in), n, a = shape, 9, 2.0
     idx = frequency_indices(d_out, d_in, n, 3)
     c = torch.randn(n, dtype=torch.float64)
-    dw = dense_delta_weight(c, idx, d_out, d_in, a)
+    dw = delta_weight([c], [make_spectral_plan(idx, d_out, d_in).weight], [a])
     j, k = torch.meshgrid(torch.arange(d_out), torch.arange(d_in), indexing="ij")
     p, q = idx.double()[:, :, None, None]
     phase = 2 * math.pi * (p * j / d_out + q * k / d_in)
@@ -175,12 +216,18 @@ def _close(got, want, tol):
 
 
 def _check_against_dense(data, dtype, tol):
+    """Each route that applies at ``dtype`` (the base weight fused in for "merged", which needs fp32/fp64)."""
     x, spectra, indices, scalings, d_out, d_in = _case(data, dtype)
     plans = [make_spectral_plan(i, d_out, d_in) for i in indices]
-    y = spectral_apply(x, spectra, plans, scalings, d_out)
+    route = data.draw(st.sampled_from(["spectral", "merged"] if dtype in (torch.float32, torch.float64)
+                                      else ["spectral"]))
+    w = torch.randn(d_out, d_in, dtype=torch.float64).to(dtype) if route == "merged" else None
+    y = fourierft_linear(x, spectra, plans, scalings, weight=w, route=route)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], d_out)
     leaves = [t.detach().double().requires_grad_() for t in (x, *spectra)]
     ref = _dense_reference(leaves[0], leaves[1:], indices, scalings, d_out, d_in)
+    if w is not None:
+        ref = ref + leaves[0] @ w.double().T
     gy = torch.randn(ref.shape, dtype=torch.float64).to(dtype)
     got = torch.autograd.grad(y, [x, *spectra], gy)
     want = torch.autograd.grad(ref, leaves, gy.double())
@@ -222,9 +269,8 @@ def test_apply_non_contiguous_and_single_token():
 
 @pytest.mark.parametrize("block_elems", [1, 7, 64])
 def test_apply_token_blocks_match_dense(monkeypatch, block_elems):
-    import fourierft.ops.spectral as spectral
-
-    monkeypatch.setattr(spectral, "_BLOCK_ELEMS", block_elems)  # blocks of 1 or a few tokens
+    _no_native(monkeypatch)  # the torch bodies of the token maps go through tokens in blocks on CPU
+    monkeypatch.setattr(_native, "_BLOCK_ELEMS", block_elems)  # blocks of 1 or a few tokens
     d_out, d_in, tokens = 9, 16, 11
     idx = [frequency_indices(d_out, d_in, 13, 0), frequency_indices(d_out, d_in, 5, 1)]
     x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
@@ -276,7 +322,7 @@ def test_apply_compiles_without_graph_breaks():
     loss = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
     got = torch.autograd.grad(loss, [x, c])
     want = torch.autograd.grad(fn(x), [x, c])
-    # the traced graph runs the torch implementation, eager the native CPU kernels: float32 sums in other orders
+    # the traced graph calls the same custom ops as eager; the compiler may still reorder float32 sums
     torch.testing.assert_close(loss, fn(x), rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
@@ -301,7 +347,7 @@ def test_apply_never_builds_a_weight_sized_tensor():
     x = torch.randn(tokens, d, requires_grad=True)
     spectra = [torch.randn(n, requires_grad=True) for _ in plans]
     with _NumelRecorder() as rec:
-        spectral_apply(x, spectra, plans, [150.0, 2.0], d).square().sum().backward()
+        spectral_apply(x, spectra, plans, [150.0, 2.0], d, route="spectral").square().sum().backward()
     assert rec.sizes, "dispatch mode recorded nothing"
     assert max(rec.sizes) < (d * d, ""), max(rec.sizes)
     assert x.grad is not None and all(s.grad is not None for s in spectra)
@@ -321,39 +367,79 @@ def test_apply_saves_only_x_and_spectra(spectrum_grad):
     y.sum().backward()
 
 
-def test_choose_path_rule():
-    # unfused (the base layer runs as a module): the spectral path, or dW and one extra GEMM without gradients
-    assert choose_path(4096, 64, 64, 1000, needs_grad=True) == "spectral"
-    assert choose_path(512, 64, 64, 1000, needs_grad=False) == "dense"
-    assert choose_path(512, 256, 256, 1000, needs_grad=False) == "dense"
-    assert choose_path(1, 256, 256, 1000, needs_grad=False) == "spectral"
-    assert choose_path(512, 4096, 4096, 1000, needs_grad=False) == "spectral"
-    assert choose_path(0, 64, 64, 1000, needs_grad=False) == "spectral"
-    # fused training (benchmarks/bench_spectral_op.py, forced paths): merged for many tokens at small widths,
+def _cpu(tokens, d, n, grad, fused=True, threads=2, dtype=torch.float32, amortised=False, d_in=None):
+    costs = route_costs("cpu", tokens=tokens, d_out=d, d_in=d_in or d, n=n, grad=grad, fused=fused,
+                        weight_dtype=dtype if fused else None, amortised=amortised, threads=threads)
+    return min(costs, key=costs.get)
+
+
+def test_cpu_route_rule():
+    # the base layer runs as a module: the spectral route, or dW and one extra GEMM without gradients
+    assert _cpu(4096, 64, 1000, True, fused=False) == "spectral"
+    assert _cpu(512, 64, 1000, False, fused=False) == "dense"
+    assert _cpu(512, 256, 1000, False, fused=False) == "dense"
+    assert _cpu(1, 256, 1000, False, fused=False) == "spectral"
+    assert _cpu(512, 4096, 1000, False, fused=False) == "spectral"
+    # fused training (benchmarks/bench_spectral_op.py, forced routes): merged for many tokens at small widths,
     # spectral for few tokens and for the widest layers, where building dW costs most
     for threads in (1, 2):
-        assert choose_path(512, 384, 384, 1000, True, fused=True, threads=threads) == "merged"
-        assert choose_path(2048, 768, 768, 1000, True, fused=True, threads=threads) == "merged"
-        assert choose_path(2048, 1024, 1024, 1000, True, fused=True, threads=threads) == "merged"
-        assert choose_path(8, 768, 768, 1000, True, fused=True, threads=threads) == "spectral"
-        assert choose_path(512, 4096, 4096, 1000, True, fused=True, threads=threads) == "spectral"
-        assert choose_path(512, 2048, 2048, 1000, True, fused=True, threads=threads) == "spectral"
-        # a kept W + dW costs nothing to build: merged from a few tokens on
-        assert choose_path(1, 768, 768, 1000, False, fused=True, threads=threads, cached=True) == "merged"
-    # half-precision weights keep the activation path (W + dW rounded to bf16 would lose dW)
-    assert choose_path(4096, 768, 768, 1000, True, fused=True, dtype=torch.bfloat16) == "spectral"
+        assert _cpu(512, 384, 1000, True, threads=threads) == "merged"
+        assert _cpu(2048, 768, 1000, True, threads=threads) == "merged"
+        assert _cpu(2048, 1024, 1000, True, threads=threads) == "merged"
+        assert _cpu(8, 768, 1000, True, threads=threads) == "spectral"
+        assert _cpu(512, 4096, 1000, True, threads=threads) == "spectral"
+        assert _cpu(512, 2048, 1000, True, threads=threads) == "spectral"
+        # inside cached_merged_weights without gradients W + dW is free: merged from one token on
+        assert _cpu(1, 768, 1000, False, threads=threads, amortised=True) == "merged"
+    # half-precision weights keep the activation route (W + dW rounded to bf16 would lose dW)
+    assert _cpu(4096, 768, 1000, True, dtype=torch.bfloat16) == "spectral"
+
+
+def test_device_route_rule_is_counted_and_never_builds_c_code(monkeypatch):
+    """On CUDA (and any non-CPU device) the rule is the counted model: it never asks for the C kernels."""
+    monkeypatch.setattr(_native, "_lib", lambda: pytest.fail("the C kernels were asked for on a GPU"))
+
+    def gpu(tokens, d, grad=True, **kw):
+        return choose_route(torch.device("cuda"), tokens=tokens, d_out=d, d_in=d, n=1000, grad=grad, fused=True,
+                            weight_dtype=kw.pop("dtype", torch.float32), **kw)
+
+    assert gpu(512, 4096) == "spectral"  # building a 16.8M-value dW costs more than 512 tokens' FFTs
+    assert gpu(65536, 4096) == "merged"  # ... but not than 64k tokens'
+    assert gpu(8192, 768) == "merged"
+    assert gpu(65536, 768, dtype=torch.bfloat16) == "spectral"
+    assert gpu(1, 4096, grad=False, amortised=True) == "merged"
+    costs = route_costs("cuda", tokens=512, d_out=4096, d_in=4096, n=1000, grad=True, fused=True,
+                        weight_dtype=torch.float32)
+    assert set(costs) == {"spectral", "merged"} and all(v > 0 for v in costs.values())
+
+
+def test_forced_route_applies_only_where_it_can():
+    from fourierft.ops.spectral_routes import _force_route, recording_routes
+
+    d = 16
+    plan = make_spectral_plan(frequency_indices(d, d, 30, 0), d, d)
+    x, c, w = torch.randn(4, d), torch.randn(30, requires_grad=True), torch.randn(d, d)
+    records = []
+    with recording_routes(records), _force_route("merged"):
+        fourierft_linear(x, [c], [plan], [1.0], weight=w)
+        fourierft_linear(x, [c], [plan], [1.0])  # no base weight: merged does not apply, the rule decides
+    assert [r.route for r in records] == ["merged", "spectral"] and [r.forced for r in records] == [True, False]
+    assert "merged (forced)" in str(records[0]) and "spectral" in str(records[0])
+    with pytest.raises(ValueError, match="unknown route"):
+        with _force_route("fast"):
+            pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_no_grad_dense_path_matches(dtype):
     d_out, d_in, tokens = 12, 10, 700
-    assert choose_path(tokens, d_out, d_in, 60, needs_grad=False) == "dense"
+    assert _cpu(tokens, d_out, 60, False, fused=False, d_in=d_in) == "dense"
     idx = [frequency_indices(d_out, d_in, 40, 0), frequency_indices(d_out, d_in, 20, 1)]
     plans = [make_spectral_plan(i, d_out, d_in) for i in idx]
     x = torch.randn(7, 100, d_in, dtype=torch.float64).to(dtype)
     c = [torch.randn(i.shape[1], dtype=torch.float64).to(dtype) for i in idx]
     with torch.no_grad():
-        y = spectral_apply(x, c, plans, [2.0, -1.0], d_out)
+        y = spectral_apply(x, c, plans, [2.0, -1.0], d_out, route="dense")
     assert y.dtype == dtype and y.shape == (7, 100, d_out)
     _close(y, _dense_reference(x, c, idx, [2.0, -1.0], d_out, d_in), 1e-10 if dtype == torch.float64
            else 1e-5 if dtype == torch.float32 else 1.6e-2)
@@ -362,14 +448,15 @@ def test_no_grad_dense_path_matches(dtype):
 # ---------------------------------------------------------------- plans
 
 
-def test_plan_buffers_roundtrip_and_validation():
+def test_plans_hold_what_their_route_reads_and_validate():
     idx = frequency_indices(6, 4, 10, 0)
     plan = make_spectral_plan(idx, 6, 4)
-    buffers = plan_buffers(plan)
-    assert all(isinstance(t, torch.Tensor) for t in buffers.values())
-    again = plan_from_buffers({k: v.clone() for k, v in buffers.items()}, 6, 4)
-    assert isinstance(again, SpectralPlan) and again.d_out == 6 and again.d_in == 4
-    assert all(torch.equal(buffers[k], v) for k, v in plan_buffers(again.to("cpu")).items())
+    assert isinstance(plan, SpectralPlan) and (plan.d_out, plan.d_in, plan.n) == (6, 4, 10)
+    assert set(plan.tokens.tensors()) == {"in_cols", "out_cols", "fwd_weight", "bwd_weight", "grad_sign"}
+    assert set(plan.weight.tensors()) == {"index", "weight"}
+    assert all(v.shape == (20,) for v in plan.tokens.tensors().values())
+    moved = plan.to("meta")
+    assert all(v.device.type == "meta" for v in moved.tensors().values()) and moved.n == 10
     with pytest.raises(ValueError, match="out of range"):
         make_spectral_plan(idx, 5, 4)
     with pytest.raises(ValueError, match="shape"):
@@ -412,15 +499,19 @@ def test_per_sample_apply_matches_dense(data):
     spectra = [torch.randn(n, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(k)]
     scalings = [1.0 + 2.0 * i for i in range(k)]
     slots = torch.randint(0, k + 1, (samples,), generator=gen)  # k: no adapter
-    import fourierft.ops.spectral as spectral
-
-    old, spectral._BLOCK_ELEMS = spectral._BLOCK_ELEMS, block  # blocks inside and across samples
+    native = data.draw(st.booleans())
+    old = dict(_native._STATE), _native._BLOCK_ELEMS
+    _native._BLOCK_ELEMS = block  # torch bodies: blocks inside and across samples
+    if not native:
+        _native._STATE.update(lib=None, reason="off for this example")
     try:
         y = spectral_apply_per_sample(x, spectra, plan, scalings, slots)
         gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
         got = torch.autograd.grad(y, [x, *spectra], gy, allow_unused=True)
     finally:
-        spectral._BLOCK_ELEMS = old
+        _native._STATE.clear()
+        _native._STATE.update(old[0])
+        _native._BLOCK_ELEMS = old[1]
     ref = _per_sample_reference(x, spectra, idx, scalings, slots, d_out, d_in)
     want = torch.autograd.grad(ref, [x, *spectra], gy, allow_unused=True)
     _close(y, ref, 1e-10)
@@ -456,21 +547,24 @@ def test_per_sample_apply_gradcheck_and_validation():
     assert torch.autograd.gradcheck(fn, (x, *c))
     with pytest.raises(ValueError, match="one adapter index per sample"):
         spectral_apply_per_sample(x, c, plan, [1.0, 1.0], torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="does not fit the shared plan"):
+    with pytest.raises(ValueError, match="do not fit"):
         spectral_apply_per_sample(x, [torch.randn(8)], plan, [1.0], slots)
-    with pytest.raises(ValueError, match="x must be"):
-        spectral_apply_per_sample(torch.randn(4, 5), c, plan, [1.0, 1.0], slots)
-    with pytest.raises(ValueError, match="one spectrum and scaling"):
-        spectral_apply_per_sample(x, c, plan, [1.0], slots)
+    with pytest.raises(ValueError, match="one adapter index per sample"):
+        spectral_apply_per_sample(torch.randn(6), c, plan, [1.0, 1.0], slots)
+    with pytest.raises(ValueError, match="one spectrum, plan and scaling"):
+        fourierft_linear(x, c, [plan] * 2, [1.0], slots=slots)
+    with pytest.raises(ValueError, match="share one plan"):
+        fourierft_linear(x, c, [plan, make_spectral_plan(idx, d_out, d_in)], [1.0, 1.0], slots=slots)
 
 
 # ---------------------------------------------------------------- frozen base layer fused with the adapters
 
 
+@pytest.mark.parametrize("route", ["spectral", "merged"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("lead", [(3, 5), (7,), (0, 2)])
-def test_linear_spectral_apply_equals_base_plus_dense(transposed, with_bias, lead):
+def test_linear_spectral_apply_equals_base_plus_dense(kernels, route, transposed, with_bias, lead):
     d_out, d_in = 11, 6
     gen = torch.Generator().manual_seed(len(lead) + 2 * transposed + with_bias)
     idx = [frequency_indices(d_out, d_in, 9, 0), frequency_indices(d_out, d_in, 20, 1)]
@@ -480,7 +574,7 @@ def test_linear_spectral_apply_equals_base_plus_dense(transposed, with_bias, lea
     x = torch.randn(*lead, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
     c = [torch.randn(i.shape[1], generator=gen, dtype=torch.float64, requires_grad=True) for i in idx]
     y = linear_spectral_apply(x, w.t().contiguous() if transposed else w, bias, c, plans, [2.0, -3.0],
-                              transposed=transposed)
+                              transposed=transposed, route=route)
     ref = torch.nn.functional.linear(x, w, bias) + _dense_reference(x, c, idx, [2.0, -3.0], d_out, d_in)
     torch.testing.assert_close(y, ref)
     gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
@@ -488,22 +582,26 @@ def test_linear_spectral_apply_equals_base_plus_dense(transposed, with_bias, lea
         torch.testing.assert_close(g, r)
 
 
-def test_linear_spectral_apply_gradcheck_and_validation():
+@pytest.mark.parametrize("route", ["spectral", "merged"])
+def test_linear_spectral_apply_gradcheck_and_validation(kernels, route):
     d_out, d_in = 5, 7
     idx = frequency_indices(d_out, d_in, 12, 3)
     plan = make_spectral_plan(idx, d_out, d_in)
     w, bias = torch.randn(d_out, d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
     x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
     c = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c: linear_spectral_apply(x, w, bias, [c], [plan], [1.5]), (x, c))
-    gc, = torch.autograd.grad(linear_spectral_apply(x.detach(), w, bias, [c], [plan], [1.5]).sum(), [c])
-    gx, = torch.autograd.grad(linear_spectral_apply(x, w, bias, [c.detach()], [plan], [1.5]).sum(), [x])
+    apply = lambda x, c: linear_spectral_apply(x, w, bias, [c], [plan], [1.5], route=route)  # noqa: E731
+    assert torch.autograd.gradcheck(apply, (x, c))
+    gc, = torch.autograd.grad(apply(x.detach(), c).sum(), [c])
+    gx, = torch.autograd.grad(apply(x, c.detach()).sum(), [x])
     ref = torch.nn.functional.linear(x, w, bias) + _dense_reference(x, [c], [idx], [1.5], d_out, d_in)
     for g, r in zip((gx, gc), torch.autograd.grad(ref.sum(), [x, c])):
         torch.testing.assert_close(g, r)
+    with pytest.raises(ValueError, match="does not apply"):
+        linear_spectral_apply(x, w, bias, [c], [plan], [1.0], route="dense")
     with pytest.raises(ValueError, match="frozen weight"):
         linear_spectral_apply(x, w.clone().requires_grad_(), bias, [c], [plan], [1.0])
     with pytest.raises(ValueError, match="expected d_in=7"):
         linear_spectral_apply(torch.randn(2, 6), w, bias, [c], [plan], [1.0])
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"weight must be \(5, 7\)"):
         linear_spectral_apply(x, w.t().contiguous(), bias, [c], [plan], [1.0])

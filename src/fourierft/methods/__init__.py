@@ -3,8 +3,9 @@ adding a built-in method is one import line here."""
 
 from ..contract import MODEL_CLASSES
 from .boft import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel
-from .fourierft import FourierFTConfig, FourierFTLinear, FourierFTModel, set_merged_weight_cache
+from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel, explain_routes
 from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding  # registers them with FourierFTModel
 
 __all__ = ["BOFTConfig", "BOFTConv2d", "BOFTLinear", "BOFTModel", "FourierFTConfig", "FourierFTConv2d",
-           "FourierFTEmbedding", "FourierFTLinear", "FourierFTModel", "MODEL_CLASSES", "set_merged_weight_cache"]
+           "FourierFTEmbedding", "FourierFTLayer", "FourierFTLinear", "FourierFTModel", "MODEL_CLASSES",
+           "explain_routes"]

@@ -8,9 +8,12 @@ fixed random 2-D frequencies :math:`(p_i, q_i)` and adds
     \Delta W = a \cdot \mathrm{Re}\big(\mathrm{ifft2}(S)\big), \qquad S[p_i, q_i] = c_i,
 
 so that :math:`\Delta W_{jk} = \frac{a}{d_{out} d_{in}} \sum_i c_i \cos 2\pi (p_i j / d_{out} + q_i k / d_{in})`.
-The frequencies are rebuilt from ``random_loc_seed`` exactly as PEFT draws them, never saved. Unmerged,
-the layer applies :math:`\Delta W` to the activations through FFTs (:mod:`fourierft.ops.spectral`) and never
-builds the ``d_out x d_in`` matrix; merging adds the dense :math:`\Delta W` once.
+The frequencies are rebuilt from ``random_loc_seed`` exactly as PEFT draws them, never saved. A layer holds
+its coefficients and plans (derived from the seed and the shape), nothing that depends on the coefficients'
+values. Its forward hands them to :func:`fourierft.ops.spectral_op.fourierft_linear`, which picks a route per
+call (on the activations through FFTs, or one GEMM on ``W + dW`` built for that call or reused inside
+:func:`~fourierft.cached_merged_weights`) and says which with :func:`explain_routes`. Merging adds the dense
+:math:`\Delta W` of :func:`fourierft.ops.spectral.delta_weight` once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from ..config import TunerConfig
 from ..contract import register_method
 from ..layer import AdapterLayer, SharedPlans, sample_slots
 from ..ops import spectral
+from ..ops._placement import on_real_cpu, place
+from ..ops.spectral_op import fourierft_linear
+from ..ops.spectral_routes import RouteChoice, recording_routes
 from ..tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
@@ -144,35 +150,33 @@ PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the position
 
 
 def frequency_positions(key: PlanKey) -> torch.Tensor:
-    """``(2, n)`` positions of ``key`` (PEFT's ``randperm`` draw, or the band-biased one), on the CPU."""
+    """``(2, n)`` positions of ``key`` (PEFT's ``randperm`` draw, or the band-biased one), real and on the CPU
+    even while adapters are created on the meta device or inside ``FakeTensorMode``."""
     d_out, d_in, n, seed, band = key
-    with torch.device("cpu"):  # real data even while adapters are being created on the meta device
-        if band is None:
-            return spectral.frequency_indices(d_out, d_in, n, seed)
-        return spectral.band_frequency_indices(d_out, d_in, n, seed, band[0], band[1])
+    if band is None:
+        return on_real_cpu(spectral.frequency_indices, d_out, d_in, n, seed)
+    return on_real_cpu(spectral.band_frequency_indices, d_out, d_in, n, seed, band[0], band[1])
 
 
-#: Positions (CPU) and plans (per device) shared by every live layer and adapter with the same shape, count
-#: and seed (PEFT uses one seed for all layers, so usually one per shape): an adapter's own memory is then
-#: just its ``n`` coefficients. Weak references only: deleting the models frees them.
+#: Positions (CPU) and plans (per device and plan type) shared by every live layer and adapter with the same
+#: shape, count and seed (PEFT uses one seed for all layers, so usually one per shape): an adapter's own memory
+#: is then just its ``n`` coefficients. Weak references only: deleting the models frees them.
 _POSITIONS = SharedPlans()
 _PLANS = SharedPlans()
 
 
-def _build_plan(positions: torch.Tensor, key: PlanKey, device: torch.device) -> spectral.SpectralPlan:
-    with torch.device("cpu"):
-        plan = spectral.make_spectral_plan(positions, key[0], key[1])
-    return plan.to(device)
+class FourierFTLayer(AdapterLayer):
+    """What every FourierFT layer shares: coefficients, frequencies, plans, the dense ``dW`` for merging.
 
-
-class FourierFTLinear(AdapterLayer):
-    """FourierFT on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+    Subclasses set :attr:`layer_shape` (the 2-D shape ``dW`` is defined on) and :meth:`make_plan` (what their
+    forward reads), and implement the forward.
+    """
 
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("fourierft_n_frequency", "fourierft_scaling", "fourierft_random_loc_seed",
                          "fourierft_plan_key", "_positions", "_plans")
     #: ``(d_in, d_out, is_conv1d)`` of the base layer: the shape of the weight ``dW`` is defined on.
-    layer_shape = staticmethod(_features)
+    layer_shape = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -190,9 +194,13 @@ class FourierFTLinear(AdapterLayer):
         self.fourierft_random_loc_seed: dict[str, int] = {}
         self.fourierft_plan_key: dict[str, PlanKey] = {}  # positions are rebuilt from these, never saved
         self._positions: dict[str, torch.Tensor] = {}  # (2, n) on the CPU, shared through _POSITIONS
-        self._plans: dict[str, spectral.SpectralPlan] = {}  # on the adapter's device, rebuilt after a move
-        self._merged_cache: Optional[tuple] = None  # (key, spectra snapshots, W + dW), see _merged_for
+        self._plans: dict[str, object] = {}  # on the adapter's device, rebuilt after a move
         self.update_layer(adapter_name, config, key=key)
+
+    @staticmethod
+    def make_plan(positions: torch.Tensor, d_out: int, d_in: int):
+        """The plan this layer's forward reads, from CPU positions (default: what building ``dW`` needs)."""
+        return spectral.make_weight_plan(positions, d_out, d_in)
 
     @classmethod
     def check_target(cls, module: nn.Module, config: FourierFTConfig, key: str) -> None:
@@ -222,19 +230,24 @@ class FourierFTLinear(AdapterLayer):
         self._positions[adapter_name] = positions
         self._plans.pop(adapter_name, None)
 
-    def plan(self, adapter_name: str) -> spectral.SpectralPlan:
-        """The adapter's gather/scatter plan on the device of its spectrum (shared with same-shape layers).
+    def plan(self, adapter_name: str):
+        """The adapter's plan (:meth:`make_plan`) on the device of its spectrum, shared with same-shape layers.
 
         After the model moves (``.to()``), the first call builds the plan for the new device; the layer then
-        holds that one only. Dtype changes (``.half()``) leave plans alone: they stay float32 and int64.
+        holds that one only. Dtype changes (``.half()``) leave plans alone: they stay float32 and integer.
         """
         plan = self._plans.get(adapter_name)
         device = self.fourierft_spectrum[adapter_name].device
-        if plan is None or plan.in_bins.device != device:
+        if plan is None or _plan_device(plan) != device:
             key, positions = self.fourierft_plan_key[adapter_name], self._positions[adapter_name]
+            build = type(self).make_plan
             plan = self._plans[adapter_name] = _PLANS.get(
-                (key, str(device)), lambda: _build_plan(positions, key, device))
+                (build, key, str(device)), lambda: _move_plan(on_real_cpu(build, positions, key[0], key[1]), device))
         return plan
+
+    def weight_plan(self, adapter_name: str) -> spectral.WeightPlan:
+        plan = self.plan(adapter_name)
+        return plan if isinstance(plan, spectral.WeightPlan) else plan.weight
 
     @property
     def indices(self) -> dict[str, torch.Tensor]:
@@ -245,15 +258,15 @@ class FourierFTLinear(AdapterLayer):
         return [self._positions[adapter_name]]
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` of adapter ``adapter`` (merging only)."""
-        return spectral.dense_delta_weight(
-            self.fourierft_spectrum[adapter], self.plan(adapter).indices,
-            self.out_features, self.in_features, self.fourierft_scaling[adapter],
-        )
+        """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` of adapter ``adapter``."""
+        spectrum = self.fourierft_spectrum[adapter]
+        return spectral.delta_weight([spectrum], [self.weight_plan(adapter)],
+                                     [self.fourierft_scaling[adapter]]).to(spectrum.dtype)
 
     def _oriented_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = self.get_delta_weight(adapter_name).to(weight.device, torch.promote_types(weight.dtype, torch.float32))
-        return delta.T if self.fan_in_fan_out else delta
+        delta = delta.T if self.fan_in_fan_out else delta
+        return delta.reshape(weight.shape)
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = self._oriented_delta(adapter_name, weight)
@@ -263,144 +276,57 @@ class FourierFTLinear(AdapterLayer):
         delta = self._oriented_delta(adapter_name, weight)
         return (weight.to(delta.dtype) - delta).to(weight.dtype)
 
-    def delta_output(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """``x @ (sum of the adapters' dW)^T`` without building any ``dW`` (one shared FFT of ``x``)."""
-        return spectral.spectral_apply(
-            x,
-            [self.fourierft_spectrum[n] for n in adapter_names],
-            [self.plan(n) for n in adapter_names],
-            [self.fourierft_scaling[n] for n in adapter_names],
-            self.out_features,
-        )
-
-    def _fusable(self, x: torch.Tensor, adapter_names: list[str], args: tuple, kwargs: dict) -> bool:
-        """Whether the base product can run inside the adapter's op: a plain frozen Linear/Conv1D (no hooks,
-        no autocast, no extra arguments), trained or not."""
-        base = self.base_layer
-        if args or kwargs or type(base) not in _FUSABLE:
-            return False
-        if _has_hooks(base) or torch.is_autocast_enabled(x.device.type):
-            return False
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return False
-        return x.shape[-1] == self.in_features and x.dtype == base.weight.dtype  # else the base layer raises
-
-    # ------------------------------------------------------------------ merged path and its cache
-    #: When a layer keeps ``W + dW`` (the merged path's weight) after a forward, for the next one:
-    #: ``"train"`` (default) in training-mode forwards that need gradients, which reuse it across the
-    #: micro-batches of one optimizer step (gradient accumulation) and in checkpointed recomputation. It
-    #: stays until the next forward replaces it (through the optimizer step too), the layer takes the
-    #: spectral path, switches between train and eval, merges, moves or loses an adapter: one extra
-    #: ``d_out x d_in`` weight per layer, which autograd holds anyway from forward to backward.
-    #: ``"always"`` also keeps it in inference (repeated eval forwards and generation then cost what the
-    #: frozen layer costs); ``"off"`` never. Set it model-wide with :func:`fourierft.set_merged_weight_cache`.
-    #: A kept weight is checked against the spectra exactly and against the base weight's version counter:
-    #: write a frozen base weight through ``load_state_dict`` or under ``torch.no_grad()``, not ``.data``.
-    merged_cache = "train"
-
-    def _merged_key(self, adapter_names: list[str], weight: torch.Tensor) -> tuple:
-        spectra = [self.fourierft_spectrum[n] for n in adapter_names]
-        return (tuple(adapter_names), tuple(self.fourierft_scaling[n] for n in adapter_names),
-                tuple((s.data_ptr(), s._version, s.dtype) for s in spectra),
-                weight.data_ptr(), weight._version, weight.dtype, weight.device, self.fan_in_fan_out)
-
-    def _cached_merged(self, adapter_names: list[str], weight: torch.Tensor) -> Optional[torch.Tensor]:
-        """The kept ``W + dW`` if it is exactly that of the current spectra and weight, else ``None``.
-
-        Besides version counters (which an optimizer step or ``load_state_dict`` bumps) the spectra are
-        compared with a snapshot, so that writes that bypass them (``p.data.copy_(...)``) are seen too."""
-        entry = self._merged_cache
-        if entry is None or entry[0] != self._merged_key(adapter_names, weight):
-            return None
-        if not all(torch.equal(snap, self.fourierft_spectrum[n]) for snap, n in zip(entry[1], adapter_names)):
-            return None
-        return entry[2]
-
-    def drop_merged_cache(self) -> None:
-        """Free the kept ``W + dW`` (also done by ``train()``/``eval()``, merging and deleting adapters)."""
-        self._merged_cache = None
-
-    def _merged_for(self, x: torch.Tensor, adapter_names: list[str]) -> tuple[str, Optional[torch.Tensor]]:
-        """The path :func:`~fourierft.ops.spectral.choose_path` picks for this forward and, for the merged
-        path, ``W + dW`` (kept or built, and kept when the cache policy allows).
-
-        With gradients the path depends only on the shapes, never on whether a weight is kept: a forward that
-        gradient checkpointing recomputes in backward must take the path (and save the tensors) of the
-        original one."""
-        weight = self.base_layer.weight
-        spectra = [self.fourierft_spectrum[n] for n in adapter_names]
-        training = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in spectra))
-        if torch.compiler.is_compiling():  # traced graphs keep the activation path: no cache, no sparse kernels
-            return "spectral", None
-        mode = self.merged_cache
-        # a kept weight may serve this forward: training-mode layers (also the no-grad first pass of reentrant
-        # checkpointing), or any forward with "always"; never inference-mode tensors (no version counter)
-        inference_tensors = torch.is_inference_mode_enabled() or weight.is_inference() or any(
-            s.is_inference() for s in spectra)
-        usable = not inference_tensors and (mode == "always" or (mode == "train" and self.training))
-        store = usable and (mode == "always" or training)
-        cached = self._cached_merged(adapter_names, weight) if usable else None
-        path = spectral.choose_path(
-            x.numel() // self.in_features, self.out_features, self.in_features, sum(s.numel() for s in spectra),
-            training, fused=True, dtype=weight.dtype,
-            cached=not training and (cached is not None or mode == "always"))
-        if path != "merged" or not usable:
-            self._merged_cache = None  # nothing kept that this layer does not use
-        if path != "merged":
-            return path, None
-        if cached is None:
-            plans, scalings = [self.plan(n) for n in adapter_names], [self.fourierft_scaling[n] for n in adapter_names]
-            cached = spectral.merged_weight(weight, spectra, plans, scalings, transposed=self.fan_in_fan_out)
-            if store:
-                snapshots = tuple(s.detach().clone() for s in spectra)
-                self._merged_cache = (self._merged_key(adapter_names, weight), snapshots, cached)
-        elif not store:
-            self._merged_cache = None
-        return path, cached
+    def _adapter_args(self, adapter_names: list[str]) -> tuple[list, list, list]:
+        return ([self.fourierft_spectrum[n] for n in adapter_names], [self.plan(n) for n in adapter_names],
+                [self.fourierft_scaling[n] for n in adapter_names])
 
     def prepare_plans(self) -> None:
-        self.drop_merged_cache()  # called after the model moves: a kept weight is on the old device
         for name, spectrum in self.fourierft_spectrum.items():
             if spectrum.device.type != "meta":
                 self.plan(name)  # built now, so that a torch.compile'd forward only looks it up
 
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_merged_cache"] = None  # pickling or deep-copying a model does not copy the kept weight
-        return state
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
-    def train(self, mode: bool = True):
-        if mode != self.training:  # Trainer calls train() every step: keep the cache across those
-            self.drop_merged_cache()
-        return super().train(mode)
+    def __repr__(self) -> str:
+        return "fourierft." + super().__repr__()
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        self.drop_merged_cache()
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def unmerge_last(self) -> None:
-        self.drop_merged_cache()
-        super().unmerge_last()
+def _plan_device(plan) -> torch.device:
+    return next(iter(plan.tensors().values())).device
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.drop_merged_cache()
-        super().delete_adapter(adapter_name)
+
+def _move_plan(plan, device: torch.device):
+    """The real CPU plan on ``device`` (a fake tensor plan inside ``FakeTensorMode``)."""
+    return plan.map(lambda t: place(t, device))
+
+
+class FourierFTLinear(FourierFTLayer):
+    """FourierFT on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+
+    layer_shape = staticmethod(_features)
+    make_plan = staticmethod(spectral.make_spectral_plan)
+
+    def _fuses_base(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether the op may compute the base product itself: a plain, frozen, fully materialised Linear or
+        Conv1D (no hooks, e.g. DeepSpeed's or accelerate's; no autocast; no extra arguments)."""
+        base = self.base_layer
+        if args or kwargs or type(base) not in _FUSABLE or _has_hooks(base):
+            return False
+        weight, bias = base.weight, base.bias
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
+        if autocast or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        return x.dtype == weight.dtype and weight.numel() == self.in_features * self.out_features
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
-        if self._fusable(x, adapter_names, args, kwargs):
-            path, merged = self._merged_for(x, adapter_names)
-            return spectral.linear_spectral_apply(
-                x, self.base_layer.weight, self.base_layer.bias,
-                [self.fourierft_spectrum[n] for n in adapter_names], [self.plan(n) for n in adapter_names],
-                [self.fourierft_scaling[n] for n in adapter_names], transposed=self.fan_in_fan_out,
-                path=path, merged=merged,
-            )
+        spectra, plans, scalings = self._adapter_args(adapter_names)
         base = self.base_layer
+        if self._fuses_base(x, args, kwargs):
+            return fourierft_linear(x, spectra, plans, scalings, weight=base.weight, bias=base.bias,
+                                    transposed=self.fan_in_fan_out)
         result = base(x, *args, **kwargs)
-        delta = self.delta_output(x, adapter_names).to(result.dtype)
-        if type(base) in _FUSABLE and not (_has_hooks(base) or args or kwargs):  # a fresh tensor of ours
-            return result.add_(delta)
-        return result + delta
+        return result + fourierft_linear(x, spectra, plans, scalings).to(result.dtype)
 
     def mixed_forward(self, x: torch.Tensor, groups: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """One base matmul for the whole batch; adapters sharing frequency positions (the usual case: same
@@ -410,51 +336,49 @@ class FourierFTLinear(AdapterLayer):
         for name in groups:
             by_key.setdefault(self.fourierft_plan_key[name], []).append(name)
         for names in by_key.values():
-            spectra = [self.fourierft_spectrum[n] for n in names]
-            scalings = [self.fourierft_scaling[n] for n in names]
-            plan = self.plan(names[0])
+            spectra, plans, scalings = self._adapter_args(names)
             if len(by_key) == 1:  # the whole batch; samples without adapter get a zero row
                 slots = sample_slots(self.sample_adapters, x.shape[0], names, x.device)
-                out = out + spectral.spectral_apply_per_sample(x, spectra, plan, scalings, slots).to(out.dtype)
+                out = out + fourierft_linear(x, spectra, plans, scalings, slots=slots).to(out.dtype)
                 continue
             index = torch.cat([groups[n] for n in names])
             slots = torch.cat([torch.full_like(groups[n], i) for i, n in enumerate(names)])
-            delta = spectral.spectral_apply_per_sample(x[index], spectra, plan, scalings, slots)
+            delta = fourierft_linear(x[index], spectra, plans, scalings, slots=slots)
             out = out.index_add(0, index, delta.to(out.dtype))
         return out
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
-    def __repr__(self) -> str:
-        return "fourierft." + super().__repr__()
+def explain_routes(model: nn.Module, *args, grad: bool = True, **kwargs) -> list[RouteChoice]:
+    """Run ``model(*args, **kwargs)`` once and return the route every FourierFT linear layer took, and why.
 
-
-MERGED_CACHE_MODES = ("train", "always", "off")
-
-
-def set_merged_weight_cache(model: nn.Module, mode: str) -> int:
-    """Set :attr:`FourierFTLinear.merged_cache` on every FourierFT linear layer of ``model``.
+    Each :class:`~fourierft.ops.spectral_routes.RouteChoice` names the layer, what the rule was given
+    (device, dtype, tokens, widths, ``n``, gradients) and the modelled cost of every candidate route;
+    ``print(*explain_routes(model, **batch), sep="\\n")`` gives one line per layer. The same lines are logged
+    at DEBUG level by ``fourierft.ops.spectral_routes`` on every forward.
 
     Args:
-        model: a :class:`~fourierft.PeftModel`, an injected model, or any module holding FourierFT layers.
-        mode: ``"train"`` (the default), ``"always"`` or ``"off"``.
-
-    Returns:
-        The number of layers set (kept weights are freed when the new mode does not keep them).
-
-    Raises:
-        ValueError: on an unknown mode, or if ``model`` holds no FourierFT linear layer.
+        model: a model holding FourierFT layers (a :class:`~fourierft.PeftModel` or an injected model).
+        *args, **kwargs: the forward's inputs.
+        grad: run the forward with gradients enabled (as training does) or not (as inference does).
     """
-    if mode not in MERGED_CACHE_MODES:
-        raise ValueError(f"unknown merged-weight cache mode {mode!r}: expected one of {MERGED_CACHE_MODES}")
-    layers = [m for m in model.modules() if isinstance(m, FourierFTLinear)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} holds no FourierFT linear layer")
-    for layer in layers:
-        layer.merged_cache = mode
-        layer.drop_merged_cache()
-    return len(layers)
+    names = {m: n for n, m in model.named_modules() if isinstance(m, FourierFTLinear)}
+    records: list[RouteChoice] = []
+    marks: dict = {}
+
+    def before(module, _args):
+        marks[module] = len(records)
+
+    def after(module, _args, _out):
+        records[marks[module]:] = [dataclasses.replace(r, layer=names[module]) for r in records[marks[module]:]]
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        with recording_routes(records), torch.set_grad_enabled(grad):
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
 
 
 class FourierFTModel(AdapterModel):

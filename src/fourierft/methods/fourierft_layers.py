@@ -29,13 +29,15 @@ FourierFT cannot load these adapters.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..layer import AdapterLayer
-from .fourierft import FourierFTConfig, FourierFTLinear, FourierFTModel, _has_hooks
+from ..ops import spectral
+from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTModel, _has_hooks
 
 
 def _conv_shape(module: nn.Conv2d) -> tuple[int, int, bool]:
@@ -46,7 +48,7 @@ def _embedding_shape(module: nn.Embedding) -> tuple[int, int, bool]:
     return module.embedding_dim, module.num_embeddings, False
 
 
-class FourierFTConv2d(FourierFTLinear):
+class FourierFTConv2d(FourierFTLayer):
     """FourierFT on ``nn.Conv2d`` (``groups=1``): ``dW`` on the flattened ``(out, in * kh * kw)`` weight."""
 
     layer_shape = staticmethod(_conv_shape)
@@ -66,16 +68,15 @@ class FourierFTConv2d(FourierFTLinear):
                 f"{tuple(base.weight.shape)} flattened to ({d_out}, {d_in}))"
             )
 
-    def _oriented_delta(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        return super()._oriented_delta(adapter_name, weight).reshape(weight.shape)
-
     def extra_repr(self) -> str:
         return f"dW on ({self.out_features}, {self.in_features}), " + AdapterLayer.extra_repr(self)
 
     def _kernel_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """Sum of the adapters' ``dW`` as a kernel ``(out, in, kh, kw)`` (differentiable in the spectra)."""
         weight = self.get_base_layer().weight
-        delta = sum(self.get_delta_weight(n) for n in adapter_names)
+        spectra = [self.fourierft_spectrum[n] for n in adapter_names]
+        delta = spectral.delta_weight(spectra, [self.weight_plan(n) for n in adapter_names],
+                                      [self.fourierft_scaling[n] for n in adapter_names])
         return delta.reshape(weight.shape)
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
@@ -114,27 +115,33 @@ def embedding_path(distinct_ids: int, num_embeddings: int, dim: int, n_total: in
     return "rows" if rows < table else "table"
 
 
-def delta_rows(ids: torch.Tensor, spectrum: torch.Tensor, indices: torch.Tensor, num_embeddings: int, dim: int,
-               scaling: float) -> torch.Tensor:
-    r"""Rows ``ids`` of ``scaling * Re(ifft2(S))`` without the table: ``(len(ids), dim)``.
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    """An embedding layer's plan: the frequencies on the device (rows route) and the weight plan (table)."""
 
-    Row ``j`` is ``a / d_out * Re(ifft(Z_j))`` with ``Z_j[q_i] = sum c_i exp(2 pi i p_i j / d_out)``.
-    Differentiable in ``spectrum``; computed in float64 for a float64 spectrum, else float32.
-    """
-    dtype = torch.float64 if spectrum.dtype == torch.float64 else torch.float32
-    p, q = indices[0].to(ids.device), indices[1].to(ids.device)
-    turns = torch.remainder(ids.reshape(-1, 1) * p, num_embeddings).to(dtype) * (2 * math.pi / num_embeddings)
-    c = spectrum.to(dtype)
-    entries = torch.complex(c * torch.cos(turns), c * torch.sin(turns))
-    spectra = torch.zeros(ids.numel(), dim, dtype=entries.dtype, device=ids.device).index_add(1, q, entries)
-    return torch.fft.ifft(spectra, dim=1).real * (scaling / num_embeddings)
+    indices: torch.Tensor
+    weight: spectral.WeightPlan
+
+    def map(self, fn) -> "EmbeddingPlan":
+        return EmbeddingPlan(fn(self.indices), self.weight.map(fn))
+
+    def to(self, device) -> "EmbeddingPlan":
+        return self.map(lambda t: t.to(device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, **{f"weight.{k}": v for k, v in self.weight.tensors().items()}}
 
 
-class FourierFTEmbedding(FourierFTLinear):
+def _embedding_plan(positions: torch.Tensor, d_out: int, d_in: int) -> EmbeddingPlan:
+    return EmbeddingPlan(positions.clone(), spectral.make_weight_plan(positions, d_out, d_in))
+
+
+class FourierFTEmbedding(FourierFTLayer):
     """FourierFT on ``nn.Embedding``: ``dW`` on the ``(num_embeddings, embedding_dim)`` table, added to the
     looked-up rows (``padding_idx`` rows included, as merging changes them too)."""
 
     layer_shape = staticmethod(_embedding_shape)
+    make_plan = staticmethod(_embedding_plan)
 
     @classmethod
     def check_target(cls, module: nn.Module, config: FourierFTConfig, key: str) -> None:
@@ -156,10 +163,12 @@ class FourierFTEmbedding(FourierFTLinear):
         distinct, inverse = torch.unique(flat, return_inverse=True)
         n_total = sum(self.fourierft_n_frequency[n] for n in adapter_names)
         if embedding_path(distinct.numel(), V, D, n_total) == "table":
-            table = sum(self.get_delta_weight(n) for n in adapter_names)
+            spectra = [self.fourierft_spectrum[n] for n in adapter_names]
+            table = spectral.delta_weight(spectra, [self.weight_plan(n) for n in adapter_names],
+                                          [self.fourierft_scaling[n] for n in adapter_names])
             return table[flat].reshape(*ids.shape, D)
-        rows = sum(delta_rows(distinct, self.fourierft_spectrum[n], self.plan(n).indices, V, D,
-                              self.fourierft_scaling[n]) for n in adapter_names)
+        rows = sum(spectral.delta_rows(distinct, self.fourierft_spectrum[n], self.plan(n).indices, V, D,
+                                       self.fourierft_scaling[n]) for n in adapter_names)
         return rows[inverse].reshape(*ids.shape, D)
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._placement import on_real_cpu, place
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -311,15 +313,17 @@ def make_butterfly_plan(num: int, size: int, m: int, device: torch.device | str 
     The permutations are computed on the CPU (no device synchronisation) and moved to ``device``.
     """
     device, n = torch.device(device), num * size
-    perms = butterfly_permutations(n, num, size, m)
-    move = lambda gathers: tuple(g and (g[0].to(device), g[1].to(device)) for g in gathers)  # noqa: E731
+    perms = on_real_cpu(butterfly_permutations, n, num, size, m)
+    gathers = on_real_cpu(lambda: (_gathers(perms), _gathers(perms.flip(0))))  # identity tests read CPU values
+    move = lambda gs: tuple(g and (place(g[0], device), place(g[1], device)) for g in gs)  # noqa: E731
     width = _fused_width(n, size, m)
     logger.debug("BOFT n=%d b=%d m=%d: rotation block width %d", n, size, m, width or n)
     group = _group_width(n, size)
     return ButterflyPlan(
-        num=num, size=size, m=m, gathers=(move(_gathers(perms)), move(_gathers(perms.flip(0)))),
-        group_positions=_group_positions(size, group, device) if group != size else None,
-        embedding=_embedding(n, num, size, m, width, device) if width and width <= _CHAIN_MAX_WIDTH else None,
+        num=num, size=size, m=m, gathers=(move(gathers[0]), move(gathers[1])),
+        group_positions=place(on_real_cpu(_group_positions, size, group, "cpu"), device) if group != size else None,
+        embedding=(place(on_real_cpu(_embedding, n, num, size, m, width, "cpu"), device)
+                   if width and width <= _CHAIN_MAX_WIDTH else None),
         device=device,
     )
 
@@ -382,7 +386,8 @@ def _fused_blocks(q: torch.Tensor, width: int, plan: ButterflyPlan) -> torch.Ten
     windows = num * size // width
     if width <= _CHAIN_MAX_WIDTH:
         pos, flat = plan.embedding, q.reshape(m, windows, -1)
-        factors = [q.new_zeros(windows, width * width).index_copy(1, pos[i], flat[i]) for i in range(m)]
+        factors = [q.new_zeros(windows, width * width).index_copy(1, p, f)  # unbind: fake CUDA tensors index
+                   for p, f in zip(pos.unbind(0), flat.unbind(0))]      # with an int only on a CUDA build
         blocks = factors[m - 1].view(windows, width, width)
         for i in range(m - 2, -1, -1):
             blocks = torch.bmm(blocks, factors[i].view(windows, width, width))
