@@ -19,9 +19,10 @@ from .config import PeftConfig, PeftType, TaskType, TunerConfig, get_peft_config
 from .contract import register_method
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer, ModulesToSaveWrapper
+from .ops.spectral_op import cached_merged_weights
 from .integrations.optim import adapter_param_groups
 from .methods import (BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTConv2d,
-                      FourierFTEmbedding, FourierFTLinear, FourierFTModel, set_merged_weight_cache)
+                      FourierFTEmbedding, FourierFTLayer, FourierFTLinear, FourierFTModel, explain_routes)
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -65,6 +66,7 @@ __all__ = [
     "FourierFTConfig",
     "FourierFTConv2d",
     "FourierFTEmbedding",
+    "FourierFTLayer",
     "FourierFTLinear",
     "FourierFTModel",
     "HotswapError",
@@ -86,6 +88,8 @@ __all__ = [
     "TunerLayerStatus",
     "TunerModelStatus",
     "adapter_param_groups",
+    "cached_merged_weights",
+    "explain_routes",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
@@ -98,7 +102,6 @@ __all__ = [
     "prepare_model_for_hotswap",
     "register_method",
     "set_base_model_state_dict",
-    "set_merged_weight_cache",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

@@ -240,7 +240,7 @@ class AdapterLayer(nn.Module):
         The round trip through the base dtype reproduces PEFT's initial values exactly.
         """
         weight = self.get_base_layer().weight
-        for _, param in self.named_adapter_tensors(adapter_name):
+        for attr, param in list(self.named_adapter_tensors(adapter_name)):
             if param.device.type == "meta":  # to be filled by loading: give the placeholder the final dtype
                 dtype = weight.dtype if weight.dtype.is_floating_point else param.dtype
                 if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
@@ -252,7 +252,12 @@ class AdapterLayer(nn.Module):
                 data = data.to(weight.dtype)
             if autocast_adapter_dtype and data.dtype in (torch.float16, torch.bfloat16):
                 data = data.float()
-            param.data = data
+            if data.device.type != "meta" and type(data) is type(param.data):
+                param.data = data
+            if param.device != data.device:
+                # a base model on the meta device (FSDP2 meta-init, accelerate's init_empty_weights) or of fake
+                # tensors: ``.data =`` cannot change such a tensor's type or device, so a new parameter replaces it
+                getattr(self, attr)[adapter_name] = nn.Parameter(data, requires_grad=param.requires_grad)
         self.prepare_plans()
 
     def prepare_plans(self) -> None:
