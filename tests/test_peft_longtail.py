@@ -177,6 +177,69 @@ def _layer_level_active(lib, tmp, method, second_targets, unload=False):
     return combined, merged, disabled, base, m.active_adapters
 
 
+# --------------------------------------------------------------------------------- FSDP-wrapped state dicts
+def _fsdp_state_dict(lib, tmp, method, policy, **kw):
+    """``get_peft_model_state_dict`` of a model wrapped in ``FullyShardedDataParallel(use_orig_params=True)``,
+    loaded with ``set_peft_model_state_dict`` into an unwrapped model of the same config."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    m = build(lib, method, **kw)
+    torch.manual_seed(2)
+    with torch.no_grad():  # move every trainable tensor away from its initial value
+        for _, p in sorted(m.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    wrap = {} if policy == "root" else {"auto_wrap_policy": _peft_wrap_policy(m)}
+    wrapped = FullyShardedDataParallel(m, use_orig_params=True, device_id=torch.device("cpu"), **wrap)
+    want = output(wrapped)
+    tensors = lib.get_peft_model_state_dict(wrapped)
+    fresh = build(lib, method, **kw)
+    quiet(lib.set_peft_model_state_dict, fresh, tensors)
+    return tensors, want, output(fresh)
+
+
+def _peft_wrap_policy(model):
+    from peft.utils.other import fsdp_auto_wrap_policy  # what PEFT users pass (it only names module classes)
+
+    return fsdp_auto_wrap_policy(model)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A one-rank gloo group in this process, enough for FSDP1 on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("fsdp") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+_HEAD_AND_BIAS = {"target_modules": ["lin1"], "modules_to_save": ["lin0"]}
+FSDP_CASES = for_both_methods([
+    (f"FSDP1 state dict ({policy}{label})",
+     (lambda pol, k: lambda lib, tmp, meth: _fsdp_state_dict(lib, tmp, meth, pol, **k(meth)))(policy, kw))
+    for policy in ("root", "peft policy")
+    for label, kw in [
+        ("", lambda meth: {}),
+        (", two layers", lambda meth: {"target_modules": ["lin0", "lin1"]}),
+        (", bias='all'", lambda meth: {"bias": "all"}),
+        (", bias='<method>_only'", lambda meth: {"bias": "fourier_only" if meth == "fourierft" else "boft_only"}),
+        (", modules_to_save", lambda meth: {"modules_to_save": ["lin1"]}),
+        (", modules_to_save and bias='all'", lambda meth: {**_HEAD_AND_BIAS, "bias": "all"}),
+    ]
+])
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=case_id)
+def test_fsdp_state_dict_as_peft(case, tmp_path, one_rank_group):
+    check(case, tmp_path)
+
+
 # ------------------------------------------------------------------------------------ BOFT, grouped Conv2d
 class _GroupedConv(torch.nn.Module):
     def __init__(self) -> None:
