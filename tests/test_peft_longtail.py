@@ -257,6 +257,22 @@ def _boft_grouped_conv(lib, tmp, **kw):
     return err, type(model.conv).__name__
 
 
+#: PEFT's per-adapter layer attributes (``adapter_layer_names + other_param_names`` of its layers)
+_PER_ADAPTER = {"fourierft": ("fourierft_spectrum", "fourierft_n_frequency", "fourierft_scaling",
+                              "fourierft_random_loc_seed", "indices"),
+                "boft": ("boft_R", "boft_s", "boft_block_size", "boft_block_num", "boft_dropout")}
+
+
+def _delete_leaves_nothing(lib, tmp, method):
+    """PEFT's delete-adapter check: no per-adapter attribute of a layer keeps the deleted name."""
+    m = two_adapters(lib, method, target_modules=["lin0", "lin1"])
+    quiet(m.delete_adapter, "other")
+    own = {n: sorted(getattr(layer(m, n), a).keys()) for n in ("lin0", "lin1")
+           for a in layer(m, n).adapter_layer_names + layer(m, n).other_param_names}
+    assert all("other" not in keys for keys in own.values()), own
+    return {f"{n}.{a}": sorted(getattr(layer(m, n), a).keys()) for n in ("lin0", "lin1") for a in _PER_ADAPTER[method]}
+
+
 CASES = for_both_methods([
     ("two modules_to_save adapters active at once raises", _two_heads_active),
     ("ModulesToSaveWrapper.adapter_layer_names (walking adapter modules)", _walk_adapter_modules),
@@ -265,6 +281,7 @@ CASES = for_both_methods([
     ("set_adapter([a, b]) on disjoint layers", _split_both_active),
     ("merge/unmerge with a layer lacking the active adapter", _split_merge),
     ("delete_adapter with a layer lacking it", _split_delete),
+    ("delete_adapter leaves no per-adapter attribute (indices, ...)", _delete_leaves_nothing),
     ("delete_adapter(merged) message", _delete_merged_message),
     ("delete_adapter(merged, inactive) message", _delete_inactive_merged_message),
     ("layer-level set_adapter([a, b]), merge, unmerge (same layer)",
