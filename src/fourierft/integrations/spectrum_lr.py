@@ -124,10 +124,11 @@ def warn_slow_spectra(model: nn.Module, lr_of: Callable[[nn.Parameter], Optional
     others = f" and {len(slow) - 1} more FourierFT layer(s)" if len(slow) > 1 else ""
     warnings.warn(
         f"FourierFT spectrum learning rate {lr:g} of layer {key} [{shape}]{others} is {needed / lr:,.0f}x "
-        f"smaller than the {needed:.3g} this layer needs to change by {SPECTRUM_STEP:.0%} per step: its weight "
-        "will barely move. A spectrum coefficient changes the weight by scaling/(d_out*d_in), so wider layers "
-        "need larger learning rates. Leave adapter_lr unset (AdapterTrainer, adapter_param_groups) to get a "
-        "learning rate per layer from its width, or raise it.", UserWarning, stacklevel=3)
+        f"smaller than the {needed:.3g} this layer needs to change by {SPECTRUM_STEP:.0%} per step, so its weight "
+        f"moves about {needed / lr:,.0f}x slower (at 100x and more it barely moves at all). A spectrum coefficient "
+        "changes the weight by scaling/(d_out*d_in), so wider layers need larger learning rates. Leave adapter_lr "
+        "unset (AdapterTrainer, adapter_param_groups) to get a learning rate per layer from its width, or raise "
+        "it.", UserWarning, stacklevel=3)
     return True
 
 
