@@ -157,6 +157,15 @@ def per_adapter_outputs(model, inputs, names: list[str]) -> tuple[torch.Tensor, 
     return mixed, single
 
 
+def assert_visible(changed: torch.Tensor, base: torch.Tensor, atol: float, rtol: float, factor: float = 10.0) -> None:
+    """The adapter's effect ``changed - base`` is at least ``factor`` times the tolerance ``atol + rtol * |changed|``
+    of the comparisons that must see it, so that a check which misses the adapter (a merge that does nothing, a
+    sample run with the wrong adapter) cannot pass."""
+    effect = (changed - base).abs().max().item()
+    bound = atol + rtol * changed.abs().max().item()
+    assert effect > factor * bound, f"the adapter's effect {effect:.2e} is under {factor}x the tolerance {bound:.2e}"
+
+
 def build(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     return MODELS[kind]().eval()

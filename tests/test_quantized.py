@@ -233,8 +233,13 @@ class _no_warning:
 def test_merge_and_unload_keeps_the_adapter_and_the_quantized_type(kind, method):
     """Regression: 8-bit merge_and_unload used to leave the int8 weight unchanged and drop the adapter."""
     net = quantized_net(kind)
+    dense = reference_net(net)
     classes = (type(net.lin0), type(net.lin1))
+    torch.manual_seed(1)
     model = get_peft_model(net, METHODS[method]())
+    torch.manual_seed(1)  # the same adapter on float32 copies of the layers: W + dW as the forward applies it
+    dense = get_peft_model(dense, METHODS[method]()).base_model.model
+    want = [layer.get_base_layer().weight + forward_delta(layer) for layer in (dense.lin0, dense.lin1)]
     model.eval()
     x = _x()
     with torch.no_grad():
@@ -243,9 +248,19 @@ def test_merge_and_unload_keeps_the_adapter_and_the_quantized_type(kind, method)
             base = model(x)
         merged_model = model.merge_and_unload()
         assert (type(merged_model.lin0), type(merged_model.lin1)) == classes
+        for layer, w in zip((merged_model.lin0, merged_model.lin1), want):  # the whole change, rounded once
+            assert (dequantized(layer) - w).abs().max() <= _bound(kind, w)  # (before a forward repacks it)
         merged = merged_model(x)
     assert (unmerged - base).abs().max() > 0.05 * base.abs().max()
     assert (merged - unmerged).abs().max() < 0.5 * (unmerged - base).abs().max()
+
+
+def forward_delta(layer: nn.Module) -> torch.Tensor:
+    """``dW`` read off the adapter layer's forward on the identity (``layer(I) - base(I)`` is ``dW^T``),
+    independent of ``merged_weight``, the code under test."""
+    eye = torch.eye(layer.get_base_layer().in_features)
+    with torch.no_grad():
+        return (layer(eye) - layer.get_base_layer()(eye)).T
 
 
 @pytest.mark.parametrize("method", METHODS)
