@@ -2,8 +2,8 @@
 
 * ``torch.compile`` (``aot_eager``: Dynamo + AOTAutograd, the parts that see our layers and their custom
   autograd Functions, without inductor's C++ build) gives the eager loss, gradients and eval outputs, and
-  Dynamo traces our layers without graph breaks. An inductor run is opt-in (``FOURIERFT_TEST_INDUCTOR=1``):
-  its cold compile takes 20-75 s on two CPU cores.
+  Dynamo traces our layers without graph breaks. An inductor run checks the same (its cold compile takes
+  20-75 s on two CPU cores; ``-k inductor`` runs it alone).
 * bf16 autocast training stays finite and close to fp32, with fp32 adapter gradients.
 * bf16 / fp16 base models: adapters stay fp32 with ``autocast_adapter_dtype=True`` and take the base dtype
   with ``False``; forward and backward work either way; merge / unmerge keep the base dtype.
@@ -19,10 +19,10 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from conftest import METHODS as METHOD_TABLE, build, make_inputs
+from conftest import METHODS as METHOD_TABLE, assert_visible, build, make_inputs
 from fourierft import get_peft_model
 
-LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+LLAMA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # o_proj: BOFT's effect 0.17, 16x the bf16 tolerance
 #: Adapters that start away from the identity, so every path carries a non-trivial contribution.
 SETTINGS = {
     "fourierft": {"n_frequency": 40, "scaling": 20.0, "init_weights": False},
@@ -188,6 +188,11 @@ def test_bf16_autocast_training_is_finite_and_close_to_fp32(method):
             assert step32.norm() > 0 and (step16 - step32).norm() <= 0.05 * step32.norm(), name
 
 
+#: Half-precision logits against fp32 (measured max error: bf16 3e-3, fp16 3.5e-4, both methods); fp16's is tight
+#: enough to see a 10% error in BOFT's contribution.
+HALF_TOL = {torch.bfloat16: dict(atol=1e-2, rtol=0.0), torch.float16: dict(atol=1.5e-3, rtol=0.0)}
+
+
 @pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", METHODS)
@@ -209,7 +214,9 @@ def test_half_base_model_forward_backward(method, dtype, autocast_adapter_dtype)
     model.eval()
     with torch.no_grad():
         ref = reference(**llama_batch()).logits
-        torch.testing.assert_close(model(**llama_batch()).logits.float(), ref, atol=3e-2, rtol=3e-2)
+        with reference.disable_adapter():
+            assert_visible(ref, reference(**llama_batch()).logits, **HALF_TOL[dtype])
+        torch.testing.assert_close(model(**llama_batch()).logits.float(), ref, **HALF_TOL[dtype])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -285,6 +292,8 @@ def test_gradient_checkpointing_enable_uses_current_transformers_api():
     model = adapted_llama("fourierft")
     if not hasattr(model.get_base_model(), "activation_checkpointing_enable"):
         pytest.skip("transformers < 5")
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         model.gradient_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
