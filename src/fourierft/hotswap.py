@@ -46,7 +46,8 @@ from .config import PeftConfig
 from .contract import legacy_ignored_suffixes
 from .layer import AdapterLayer
 from .methods.boft import BOFTConfig, _BOFTLayer
-from .methods.fourierft import FourierFTConfig, FourierFTLinear
+from .methods.fourierft import FourierFTConfig, FourierFTLayer
+from .partitioned import PartitionedError, gathered, is_partitioned
 from .serialization import state_dict as ckpt
 from .serialization.folders import load_config, load_weights_file
 
@@ -109,7 +110,7 @@ def _band(config: FourierFTConfig):
     return tuple(config.frequency_band) if config.frequency_band is not None else None
 
 
-def _fourierft_values(layer: FourierFTLinear, name: str, path: str, new: Optional[dict],
+def _fourierft_values(layer: FourierFTLayer, name: str, path: str, new: Optional[dict],
                       config: Optional[FourierFTConfig], mine: FourierFTConfig) -> dict[str, torch.Tensor]:
     """The model-shaped spectrum holding the new adapter (zero-padded, scaling folded in).
 
@@ -173,14 +174,14 @@ def _boft_values(layer: _BOFTLayer, name: str, path: str, new: Optional[dict],
     return {"boft_R": padded, "boft_s": new_s.detach()}
 
 
-_RULES = ((FourierFTLinear, _fourierft_values), (_BOFTLayer, _boft_values))
+_RULES = ((FourierFTLayer, _fourierft_values), (_BOFTLayer, _boft_values))
 
 
 def _layer_values(layer: AdapterLayer, name: str, path: str, new: Optional[dict], config, mine) -> dict:
     for cls, rule in _RULES:
         if isinstance(layer, cls):
             return rule(layer, name, path, new, config, mine)
-    params = dict(layer.adapter_parameters(name))  # another method: same shapes only, no identity fill
+    params = dict(layer.named_adapter_tensors(name))  # another method: same shapes only, no identity fill
     if new is None:
         raise HotswapError(f"{path}: the new adapter has no tensors for this {type(layer).__name__} layer")
     for attr, value in new.items():
@@ -209,7 +210,7 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     identity: list[str] = []
     for path, full, layer in layers:
-        attrs = [attr for attr, _ in layer.adapter_parameters(adapter_name)]
+        attrs = [attr for attr, _ in layer.named_adapter_tensors(adapter_name)]
         keys = {attr: f"{full}.{attr}" for attr in attrs}
         present = {attr: sd[k] for attr, k in keys.items() if k in sd}
         integer = [keys[a] for a, v in present.items() if not v.is_floating_point()]
@@ -223,7 +224,7 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
         if not present:
             identity.append(path)
         values = _layer_values(layer, adapter_name, path, present or None, config, mine)
-        params = dict(layer.adapter_parameters(adapter_name))
+        params = dict(layer.named_adapter_tensors(adapter_name))
         plan.extend((params[attr], values[attr]) for attr in attrs)
     plan.extend(_other_tensors(model, adapter_name, sd, layer_keys, used))
     unexpected = sorted(k for k in sd if k not in used and not k.endswith(legacy_ignored_suffixes()))
@@ -277,6 +278,14 @@ def _check_fingerprint(model: nn.Module, adapter_name: str, metadata: dict, sd: 
                            "model uses: it was saved with other positions (seed, torch version)")
 
 
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The parameters a swap of ``adapter_name`` reads and writes (empty for an unknown adapter)."""
+    if adapter_name not in (getattr(model, "peft_config", None) or {}):
+        return []
+    params = dict(model.named_parameters())
+    return [params[k] for k, _ in ckpt.adapter_key_map(model, adapter_name).values() if k in params]
+
+
 # ---------------------------------------------------------------------------------------------- public
 def hotswap_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
                     adapter_name: str = "default", *, config: Optional[PeftConfig] = None, **kwargs) -> None:
@@ -304,13 +313,15 @@ def hotswap_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
     """
     model = _unwrap(model)
     tensors, new_config, metadata = _read(path_or_state_dict, config, **kwargs)
-    plan = _plan(model, tensors, adapter_name, new_config, metadata)
-    broken = [i for i, (_, v) in enumerate(plan) if not bool(torch.isfinite(v).all())]
-    if broken:
-        logger.warning("The new adapter holds NaN or Inf values; outputs will not be finite")
-    with torch.no_grad():
-        for current, value in plan:
-            current.copy_(value.to(device=current.device, dtype=current.dtype))
+    # ZeRO-3: the adapter tensors are gathered on every rank (each checks and copies; rank 0's copy is kept)
+    with gathered(_adapter_tensors(model, adapter_name), modify=True):
+        plan = _plan(model, tensors, adapter_name, new_config, metadata)
+        broken = [i for i, (_, v) in enumerate(plan) if not bool(torch.isfinite(v).all())]
+        if broken:
+            logger.warning("The new adapter holds NaN or Inf values; outputs will not be finite")
+        with torch.no_grad():
+            for current, value in plan:
+                current.copy_(value.to(device=current.device, dtype=current.dtype))
     logger.info("Hot-swapped adapter %r (%d tensors)", adapter_name, len(plan))
 
 
@@ -335,9 +346,13 @@ def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *
     Raises:
         HotswapError: Compiled model, merged adapter, a target smaller than a layer's current size, or a
             target the layer geometry does not allow. Nothing was changed.
+        PartitionedError: The model's parameters are partitioned by DeepSpeed ZeRO-3 (pad before it).
     """
     if hasattr(model, "_orig_mod"):
         raise HotswapError("Call prepare_model_for_hotswap before torch.compile (it replaces parameters)")
+    if any(map(is_partitioned, model.parameters())):
+        raise PartitionedError("prepare_model_for_hotswap replaces parameters, which DeepSpeed ZeRO-3 has partitioned: "
+                               "call it before deepspeed.initialize / Trainer / accelerator.prepare")
     config = _model_config(model, adapter_name)
     new_config = copy.deepcopy(config)
     if isinstance(config, FourierFTConfig) and target_n_frequency is not None:
@@ -359,7 +374,7 @@ def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *
 def _check_padding(layer: AdapterLayer, name: str, path: str, config) -> None:
     if name in layer.merged_adapters:
         raise HotswapError(f"Adapter {name!r} is merged into {path}; unmerge it first")
-    if isinstance(layer, FourierFTLinear):  # the positions stay nested: see _fourierft_values
+    if isinstance(layer, FourierFTLayer):  # the positions stay nested: see _fourierft_values
         n, target = layer.fourierft_spectrum[name].shape[0], config.n_frequency
         if not isinstance(target, int) or isinstance(target, bool) or target < n:
             raise HotswapError(f"{path}: target_n_frequency={target!r} must be an int >= its n_frequency {n}")
@@ -390,7 +405,7 @@ def _same_blocks(config: BOFTConfig, size: int) -> BOFTConfig:
 def _pad_layer(layer: AdapterLayer, name: str, path: str, config) -> None:
     """Rebuild the adapter at the padded size through the method's own ``update_layer`` (so every derived
     field follows), then put the old values back in the leading slice of each tensor."""
-    old = dict(layer.adapter_parameters(name))
+    old = dict(layer.named_adapter_tensors(name))
     if isinstance(layer, _BOFTLayer):
         config = _same_blocks(config, old["boft_R"].shape[2])
     with torch.random.fork_rng(devices=[]):  # update_layer draws initial values: keep the user's RNG stream

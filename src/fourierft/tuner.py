@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import quantized
 from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper, SampleAdapters
+from .partitioned import check_gatherable, gathered
 from .targets import is_excluded, is_target, layer_coverage, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -564,11 +565,16 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         self._merge_layers(layers, names, safe_merge, progressbar=False)
 
     def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
+        keys = {id(layer): key for key, layer in self.adapter_layers()}
+        for layer in layers:  # FSDP1 shards are refused before any weight changes
+            check_gatherable(layer.get_base_layer(), keys.get(id(layer)))
         if safe_merge:  # check every layer first, so that a broken adapter changes no weight at all
             for layer in layers:
-                layer.check_merge(names)
+                with gathered(layer.parameters()):
+                    layer.check_merge(names)
         for layer in tqdm(layers, desc="Merging", disable=not progressbar):
-            layer.merge(adapter_names=names)
+            with gathered(layer.parameters(), modify=True):  # ZeRO-3: every rank merges, rank 0's result kept
+                layer.merge(adapter_names=names)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge (warns, as PEFT, when nothing is merged)."""
@@ -576,13 +582,18 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         if not any(layer.merged for layer in layers):
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        for layer in layers:
-            layer.unmerge()
+        self._unmerge_layers([(key, layer) for key, layer in self.adapter_layers()])
+
+    def _unmerge_layers(self, layers: list) -> None:
+        for key, layer in layers:  # FSDP1 shards are refused before any weight changes
+            check_gatherable(layer.get_base_layer(), key)
+        for _, layer in layers:
+            with gathered(layer.parameters(), modify=True):  # ZeRO-3: every rank unmerges, rank 0's result kept
+                layer.unmerge()
 
     def _unmerge_all(self) -> None:
-        for _, layer in self.adapter_layers():
-            if layer.merged:  # a layer with nothing merged would warn
-                layer.unmerge()
+        # a layer with nothing merged would warn
+        self._unmerge_layers([(key, layer) for key, layer in self.adapter_layers() if layer.merged])
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None

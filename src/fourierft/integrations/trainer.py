@@ -16,8 +16,10 @@ overrides four of Trainer's hooks:
   :func:`~fourierft.integrations.optim.adapter_param_groups`.
 
 Three of them are private Trainer methods: Trainer has no public hook for how a checkpoint is written or read
-back (its callbacks run after the files exist). Any other model, and the DeepSpeed/FSDP paths, go to Trainer's
-own implementation; tests/test_private_api.py fails loudly if the three names or their arguments change.
+back (its callbacks run after the files exist). Any other model, and loading under DeepSpeed/FSDP, go to
+Trainer's own implementation (DeepSpeed resumes from its own ``global_step*`` state in the checkpoint);
+tests/test_private_api.py fails loudly if the three names or their arguments change. Under DeepSpeed,
+``save_model`` (and so every checkpoint) gathers the adapter on every rank and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -142,16 +144,36 @@ class AdapterTrainer(Trainer):
         return self.optimizer
 
     # ------------------------------------------------------------------ saving and loading
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """As ``Trainer.save_model``; under DeepSpeed every rank gathers the adapter tensors and rank 0 writes them.
+
+        Trainer would gather the whole model, or with ZeRO-3 and ``stage3_gather_16bit_weights_on_model_save``
+        false hand over an empty state dict; adapters are small, so they are always gathered, and the base
+        model never is. Call it on every rank, as Trainer does.
+        """
+        model = self._adapter_model()
+        if model is None or not getattr(self, "is_deepspeed_enabled", False):
+            return super().save_model(output_dir, _internal_call)
+        self._write_adapters(model, output_dir if output_dir is not None else self.args.output_dir, None,
+                             is_main_process=self.args.should_save)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = self._adapter_model()
         if model is None:
             return super()._save(output_dir, state_dict=state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        if self.args.should_save:
+            self._write_adapters(model, output_dir if output_dir is not None else self.args.output_dir, state_dict)
+
+    def _write_adapters(self, model: PeftModel, output_dir: str, state_dict: Optional[dict],
+                        is_main_process: bool = True) -> None:
+        if is_main_process:
+            os.makedirs(output_dir, exist_ok=True)
+            logger.info("Saving adapter checkpoint to %s", output_dir)
+        model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=is_main_process)
+        if not is_main_process:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        logger.info("Saving adapter checkpoint to %s", output_dir)
-        model.save_pretrained(output_dir, state_dict=state_dict)
         processor = getattr(self, "processing_class", None) or getattr(self.data_collator, "tokenizer", None)
         if processor is not None:
             processor.save_pretrained(output_dir)

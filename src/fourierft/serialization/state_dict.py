@@ -25,6 +25,7 @@ from torch import nn
 
 from ..contract import legacy_ignored_suffixes
 from ..layer import AdapterLayer, ModulesToSaveWrapper
+from ..partitioned import check_full, full_shape, gathered, is_partitioned
 from ..tuner import AdapterModel
 from .tensors import CheckpointError
 
@@ -86,7 +87,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
     root, prefix = _tuner_root(model)
     config = _adapter_config(model, adapter_name)
     mapping: dict[str, tuple[str, bool]] = {}
-    for path, module in root.named_modules():
+    for path, module in _named_modules(root):
         full = prefix + path
         if isinstance(module, AdapterLayer):
             for attr, _ in module.named_adapter_tensors(adapter_name):
@@ -106,6 +107,18 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
                 continue
             mapping.setdefault(prefix + key.replace(own, ".modules_to_save."), (prefix + key, False))
     return mapping
+
+
+#: Infixes torch's wrappers (FSDP1, activation checkpointing) add to module paths and leave out of state dicts.
+_WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _named_modules(root: nn.Module):
+    """``root.named_modules()`` under the names the modules' state dicts use (wrapper infixes removed)."""
+    for path, module in root.named_modules():
+        for infix in _WRAPPER_INFIXES:
+            path = path.replace(infix, "")
+        yield path, module
 
 
 def _depth(layer: AdapterLayer) -> int:
@@ -133,16 +146,31 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:  # torch.compile's wrapper keeps the module as ``_orig_mod``, its only handle to it
         model = getattr(model, "_orig_mod", model)
-    full = model.state_dict() if state_dict is None else state_dict
+    mapping = adapter_key_map(model, adapter_name)
+    own = dict(model.named_parameters())
+    if state_dict is not None:
+        return _collect(state_dict, mapping, own, clone=False)
+    with gathered(own.get(model_key) for model_key, _ in mapping.values()):  # ZeRO-3: every rank takes part
+        return _collect(model.state_dict(), mapping, own, clone=any(map(is_partitioned, own.values())))
+
+
+def _collect(full: Mapping, mapping: dict, own: dict, clone: bool) -> dict[str, torch.Tensor]:
+    """The adapter's file keys and values from ``full``; refuses missing keys, shards and placeholders."""
     out = {}
-    for file_key, (model_key, required) in adapter_key_map(model, adapter_name).items():
-        if model_key in full:
-            value = full[model_key]
-            if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2): gather it, a collective on every rank
-                value = value.full_tensor()
-            out[file_key] = value
-        elif required:
-            raise KeyError(f"Adapter tensor {model_key} is missing from the state dict")
+    for file_key, (model_key, required) in mapping.items():
+        if model_key not in full:
+            if is_partitioned(own.get(model_key)):
+                raise KeyError(f"Adapter tensor {model_key} is missing from the state dict of a ZeRO-3 model: "
+                               "call without state_dict= on every rank (fourierft gathers the adapter)")
+            if required:
+                raise KeyError(f"Adapter tensor {model_key} is missing from the state dict")
+            continue
+        value = full[model_key]
+        if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2): gather it, a collective on every rank
+            value = value.full_tensor()
+        if model_key in own and is_partitioned(own[model_key]):
+            check_full(value, full_shape(own[model_key]), f"Adapter tensor {model_key}")
+        out[file_key] = value.detach().clone() if clone else value
     return out
 
 
@@ -202,8 +230,8 @@ def set_peft_model_state_dict(
         if not isinstance(value, torch.Tensor):
             problems.append(f"{key!r} is not a tensor ({type(value).__name__})")
             continue
-        if tuple(value.shape) != tuple(targets[model_key].shape):
-            message = f"{key!r} has shape {tuple(value.shape)}, the model expects {tuple(targets[model_key].shape)}"
+        if tuple(value.shape) != full_shape(targets[model_key]):
+            message = f"{key!r} has shape {tuple(value.shape)}, the model expects {full_shape(targets[model_key])}"
             if ignore_mismatched_sizes:
                 logger.warning("Skipping %s", message)
                 continue
@@ -233,7 +261,8 @@ def set_peft_model_state_dict(
     broken = [key for key, value in writes if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if broken:
         logger.warning("The adapter file holds NaN or Inf values in %s; outputs will not be finite", broken)
-    _write(model, writes, low_cpu_mem_usage)
+    with gathered((targets[k] for k, _ in writes), modify=True):  # ZeRO-3: every rank loads, rank 0's values kept
+        _write(model, writes, low_cpu_mem_usage)
     if result.missing_keys:
         logger.warning("Found missing optional adapter keys while loading the checkpoint: %s", result.missing_keys)
     return result
@@ -261,7 +290,7 @@ def derived_fingerprint(model: nn.Module, adapter_name: str) -> Optional[str]:
     """
     root, _ = _tuner_root(model)
     digest, seen = hashlib.sha256(), False
-    for path, module in root.named_modules():
+    for path, module in _named_modules(root):
         if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
             for tensor in module.derived_tensors(adapter_name):
                 seen = True
