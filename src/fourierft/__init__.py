@@ -44,7 +44,6 @@ from .serialization.state_dict import (
 )
 from .serialization.tensors import CheckpointError
 from .tuner import AdapterModel, NoMatchingPeftModuleError, PeftError
-from . import checkpoint, io  # noqa: F401  earlier module paths, kept as re-export shims
 
 __all__ = [
     "__version__",

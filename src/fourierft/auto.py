@@ -17,7 +17,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .serialization.folders import load_config
-from .serialization.hub import LOCATION_KWARGS
+from .hub import LOCATION_KWARGS
 
 
 class _AutoPeftModel:

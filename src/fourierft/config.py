@@ -16,7 +16,7 @@ import warnings
 from typing import Any, ClassVar, Optional, Union
 
 from ._version import FORMAT_VERSION
-from .serialization.hub import HUB_KWARGS, resolve_file
+from .hub import HUB_KWARGS, resolve_file
 from .targets import validate_tuner_fields
 
 logger = logging.getLogger(__name__)

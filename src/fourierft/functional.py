@@ -85,7 +85,7 @@ def set_requires_grad(model: nn.Module, adapter_names: Union[str, Sequence[str]]
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             for name in names:
-                for _, param in module.adapter_parameters(name):
+                for _, param in module.named_adapter_tensors(name):
                     param.requires_grad_(requires_grad)
         elif isinstance(module, ModulesToSaveWrapper):
             for name in names:

@@ -91,8 +91,6 @@ class AdapterLayer(nn.Module):
             if adapter_name in params:
                 yield attr, params[adapter_name]
 
-    adapter_parameters = named_adapter_tensors  # earlier name
-
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activate ``adapter_names``; their tensors train unless ``inference_mode``, all others are frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -202,7 +200,7 @@ class AdapterLayer(nn.Module):
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return bool(getattr(x, "requires_grad", False)) or any(
-            p.requires_grad for n in self._active_adapters for _, p in self.adapter_parameters(n))
+            p.requires_grad for n in self._active_adapters for _, p in self.named_adapter_tensors(n))
 
     # ------------------------------------------------------------------ method contract
     @classmethod

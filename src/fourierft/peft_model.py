@@ -19,7 +19,6 @@ from torch import nn
 from . import quantized
 from .config import PeftConfig, PeftType, _as_peft_type
 from .hotswap import hotswap_adapter as _hotswap_adapter
-from .integrations.compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .contract import tuner_class
 from .methods import MODEL_CLASSES  # noqa: F401  (imported for its side effect: the methods register)
 from .serialization.folders import load_config, load_weights_file, save_adapters
@@ -32,12 +31,10 @@ from .serialization.state_dict import (
     set_peft_model_state_dict,
 )
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .trainer_compat import delegating_forward, expose_forward_signature, untie_shared_tensors
 from .tuner import PlansFollowMoves, check_adapter_name
 
 logger = logging.getLogger(__name__)
-
-
-_tuner_class = tuner_class  # earlier private name
 
 
 class PeftModel(PlansFollowMoves, nn.Module):

@@ -69,7 +69,7 @@ def _agree(values: list) -> Union[bool, Irregular]:
 
 def _adapter_tensors(module: nn.Module) -> dict[str, list[torch.Tensor]]:
     if isinstance(module, AdapterLayer):
-        return {n: [p for _, p in module.adapter_parameters(n)] for n in module.adapter_names()}
+        return {n: [p for _, p in module.named_adapter_tensors(n)] for n in module.adapter_names()}
     return {n: list(m.parameters()) for n, m in module.modules_to_save.items()}
 
 

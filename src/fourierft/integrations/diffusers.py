@@ -36,14 +36,15 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .. import checkpoint as ckpt
 from ..config import PeftConfig
+from ..contract import tuner_class
 from ..functional import delete_adapter as _delete_from_layers
 from ..functional import set_requires_grad
 from ..layer import AdapterLayer, ModulesToSaveWrapper
-from ..peft_model import _tuner_class
-from ..serialization.folders import load_config, load_weights_file
+from ..serialization import state_dict as ckpt
+from ..serialization.folders import atomic_write_dir, load_config, load_weights_file
 from ..serialization.state_dict import is_legacy_format as _is_legacy
+from ..serialization.tensors import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, save_tensors
 from ..tuner import get_submodule_parent
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def add_adapter(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "
     if theirs != peft_config.peft_type:
         raise ValueError(f"Cannot add a {_type_name(peft_config)} adapter to a model holding "
                          f"{getattr(theirs, 'value', theirs)} adapters")
-    _tuner_class(peft_config)(model, {adapter_name: peft_config}, adapter_name)  # all-or-nothing injection
+    tuner_class(peft_config)(model, {adapter_name: peft_config}, adapter_name)  # all-or-nothing injection
     model.peft_config = {**existing, adapter_name: peft_config}
     return model
 
@@ -100,7 +101,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"Adapter {adapter_name} not found; the model holds {sorted(configs)}")
-    remaining = _delete_from_layers(model, adapter_name, prefix=_tuner_class(configs[adapter_name]).prefix)
+    remaining = _delete_from_layers(model, adapter_name, prefix=tuner_class(configs[adapter_name]).prefix)
     for key, module in list(model.named_modules()):
         if key and isinstance(module, AdapterLayer) and not module.adapter_names():
             parent, attr = get_submodule_parent(model, key)
@@ -159,13 +160,13 @@ def save_adapter(model: nn.Module, save_directory: str, adapter_name: str = "def
         metadata[ckpt.FINGERPRINT_KEY] = fingerprint
     config = copy.deepcopy(configs[adapter_name])
     config.inference_mode = True
-    weights = ckpt.SAFETENSORS_WEIGHTS_NAME if safe_serialization else ckpt.WEIGHTS_NAME
+    weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
 
     def write(tmp: str) -> None:
-        ckpt.save_tensors(tensors, os.path.join(tmp, weights), safe_serialization, metadata)
+        save_tensors(tensors, os.path.join(tmp, weights), safe_serialization, metadata)
         config.save_pretrained(tmp)
 
-    ckpt.atomic_write_dir(save_directory, write)
+    atomic_write_dir(save_directory, write)
     logger.info("Saved adapter %r of %s to %s", adapter_name, type(model).__name__, save_directory)
 
 
@@ -189,7 +190,7 @@ def load_adapter(model: nn.Module, model_id: str, adapter_name: str = "default",
     config = load_config(model_id, kwargs.pop("config", None), **kwargs)
     config.inference_mode = not is_trainable
     tensors, metadata = load_weights_file(model_id, **kwargs)
-    _tuner_class(config).config_from_weights(config, tensors)
+    tuner_class(config).config_from_weights(config, tensors)
     add_adapter(model, config, adapter_name)
     try:
         result = ckpt.set_peft_model_state_dict(model, tensors, adapter_name, legacy_ok=_is_legacy(config),

@@ -36,9 +36,6 @@ def adapter_tensor_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-adapter_parameter_ids = adapter_tensor_ids  # earlier name
-
-
 def _no_decay(module: nn.Module, param_name: str) -> bool:
     return param_name == "bias" or "norm" in type(module).__name__.lower()
 

@@ -2,7 +2,7 @@
 
 The stock Trainer recognises only ``peft.PeftModel`` as an adapter model; for anything else it checkpoints
 the full ``state_dict`` into ``model.safetensors`` (it works with fourierft models, see
-:mod:`fourierft.integrations.compat`, but every checkpoint holds the whole base model). ``AdapterTrainer``
+:mod:`fourierft.trainer_compat`, but every checkpoint holds the whole base model). ``AdapterTrainer``
 overrides four of Trainer's hooks:
 
 * ``_save``: checkpoints and ``save_model`` write the adapters in PEFT's format (``adapter_config.json`` +

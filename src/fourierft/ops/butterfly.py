@@ -328,11 +328,6 @@ def make_butterfly_plan(num: int, size: int, m: int, device: torch.device | str 
     )
 
 
-def prepare(num: int, size: int, m: int, device: torch.device | str) -> ButterflyPlan:
-    """Earlier name of :func:`make_butterfly_plan`."""
-    return make_butterfly_plan(num, size, m, device)
-
-
 def _plan_for(q: torch.Tensor, plan: Optional[ButterflyPlan]) -> ButterflyPlan:
     if plan is None:
         return make_butterfly_plan(q.shape[1], q.shape[2], q.shape[0], q.device)

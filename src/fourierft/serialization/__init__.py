@@ -1,7 +1,8 @@
 """Everything that reads or writes adapter files, in one place; nothing here imports ``peft_model``.
 
-* :mod:`~fourierft.serialization.hub`: where a file comes from (local folder, or the Hugging Face Hub and
-  its cache) and the one list of Hub keyword arguments.
+Where a file comes from (a local folder, or the Hugging Face Hub and its cache) is :mod:`fourierft.hub`,
+one floor lower: ``config`` reads files through it too, and this package imports ``config``.
+
 * :mod:`~fourierft.serialization.tensors`: weights files (safetensors or weights-only ``torch.save``) and
   their checksum.
 * :mod:`~fourierft.serialization.state_dict`: an adapter's tensors under PEFT's file keys, strict loading,

@@ -12,7 +12,7 @@ from typing import Optional
 from torch import nn
 
 from ..config import PeftConfig
-from .hub import LOCATION_KWARGS, resolve_file
+from ..hub import LOCATION_KWARGS, resolve_file
 from .modelcard import write_model_card
 from .state_dict import FINGERPRINT_KEY, derived_fingerprint, get_peft_model_state_dict
 from .tensors import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, WEIGHTS_NAMES, load_tensors, save_tensors
