@@ -8,6 +8,8 @@ tensors train; plus registration itself.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -95,6 +97,81 @@ def test_classes_follow_the_contract(method):
     assert isinstance(layer, MethodLayer)
     assert isinstance(registered.tuner_cls, MethodTuner)
     assert registered.config_cls is CASES[method].config_cls
+
+
+def _layer_classes(tuner_cls: type) -> set[type]:
+    """Every adapter layer class of the method (the library's and the toy's, not classes tests make up): the
+    ones whose adapter tensor names carry the tuner's prefix, which registration makes every layer use."""
+    found, todo = {tuner_cls.layer_cls}, [AdapterLayer]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        names = cls.adapter_layer_names
+        if names and all(n.startswith(tuner_cls.prefix) for n in names) and \
+                (cls.__module__.startswith("fourierft.") or cls.__module__ == toy_method.__name__):
+            found.add(cls)
+    return found
+
+
+def _accepts(impl, proto) -> bool:
+    """Whether ``impl`` accepts every call that ``proto``'s signature allows the core to make."""
+    args, kwargs = [], {}
+    for param in list(inspect.signature(proto).parameters.values()):
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) and param.default is param.empty:
+            args.append(object())
+        elif param.kind is param.KEYWORD_ONLY and param.default is param.empty:
+            kwargs[param.name] = object()
+    try:
+        inspect.signature(impl).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
+
+
+def contract_violations(protocol: type, cls: type) -> list[str]:
+    """Members of ``protocol`` that ``cls`` lacks, or whose signature rejects the calls the protocol allows."""
+    methods = {n for n, v in vars(protocol).items()
+               if not n.startswith("_") and (callable(v) or isinstance(v, (classmethod, staticmethod)))}
+    problems = [f"{cls.__name__} lacks {name}" for name in sorted(set(protocol.__annotations__) | methods)
+                if not hasattr(cls, name)]
+    for name in sorted(methods):
+        if hasattr(cls, name):
+            proto, impl = inspect.getattr_static(protocol, name), inspect.getattr_static(cls, name)
+            if not callable(getattr(cls, name)):
+                problems.append(f"{cls.__name__}.{name} is not callable")
+            elif isinstance(proto, classmethod) != isinstance(impl, classmethod) or \
+                    isinstance(proto, staticmethod) != isinstance(impl, staticmethod):
+                problems.append(f"{cls.__name__}.{name}: classmethod/staticmethod differs from the contract")
+            elif not _accepts(getattr(cls, name), getattr(protocol, name)):
+                problems.append(f"{cls.__name__}.{name}{inspect.signature(getattr(cls, name))} rejects the "
+                                f"contract's call {name}{inspect.signature(getattr(protocol, name))}")
+    return problems
+
+
+@pytest.mark.parametrize("peft_type", sorted(REGISTERED))
+def test_every_registered_method_satisfies_the_protocols(peft_type):
+    """Each registered method's tuner and all of its layer classes have every member of the contract, with
+    signatures that accept the calls the core makes (``runtime_checkable`` checks names only)."""
+    tuner_cls = REGISTERED[peft_type].tuner_cls
+    assert isinstance(tuner_cls, MethodTuner)
+    problems = contract_violations(MethodTuner, tuner_cls)
+    for layer_cls in _layer_classes(tuner_cls):
+        problems += contract_violations(MethodLayer, layer_cls)
+    assert not problems, problems
+
+
+def test_the_protocol_check_sees_a_wrong_signature():
+    class Broken(toy_method.ToyScaleLinear):
+        def merged_weight(self, weight):  # the adapter name forgotten
+            return weight
+
+        @staticmethod
+        def check_target(module, config, key):  # the contract's is a classmethod
+            return None
+
+    problems = contract_violations(MethodLayer, Broken)
+    assert any("merged_weight" in p for p in problems) and any("check_target" in p for p in problems)
+    assert not contract_violations(MethodLayer, toy_method.ToyScaleLinear)
 
 
 def test_registration_feeds_every_registry():
