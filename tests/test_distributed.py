@@ -135,6 +135,16 @@ def test_saved_adapter_reloads_to_trained_outputs(run, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_trained_model_merges_or_refuses(run, method):
+    """``merge_and_unload`` after training gives the trained outputs; FSDP2's DTensor weights are refused."""
+    for report in run[1][method]:
+        if report["launcher"] == "fsdp":
+            assert report["merge_max_abs_diff"] is None and "DTensor" in report["merge_refused"], report
+        else:
+            assert report["merge_refused"] is None and report["merge_max_abs_diff"] <= 5e-4, report
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_fsdp_trains_to_the_same_adapter_as_ddp(torchrun_run, method):
     from safetensors.torch import load_file
 

@@ -85,13 +85,18 @@ def declared_weight_shape(module: torch.nn.Module) -> Optional[tuple[int, ...]]:
 
 
 def check_gatherable(module: torch.nn.Module, what: str) -> None:
-    """Refuse a base layer whose weight is a shard fourierft cannot gather (FSDP1's flat views).
+    """Refuse a base layer whose weight is a shard fourierft cannot gather (FSDP1's flat views, FSDP2's DTensors).
 
     A ZeRO-3 parameter passes: :func:`gathered` makes it whole.
 
     Raises:
-        PartitionedError: The weight's shape is not the one the layer declares.
+        PartitionedError: The weight is a DTensor, or its shape is not the one the layer declares.
     """
     shape, weight = declared_weight_shape(module), getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and hasattr(weight, "placements"):  # a DTensor: FSDP2, tensor parallel
+        raise PartitionedError(
+            f"The base weight of {what} is a DTensor sharded over processes (FSDP2 / tensor parallel): merge the "
+            "adapter into an unsharded model (save it, load it onto the base model in one process, merge there)"
+        )
     if shape is not None and isinstance(weight, torch.Tensor) and not is_partitioned(weight):
         check_full(weight, shape, f"The base weight of {what}")
