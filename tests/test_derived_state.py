@@ -71,13 +71,24 @@ def test_plans_are_shared_while_models_live(method):
     assert sizes() == before
 
 
+def plan_tensors(plan) -> list[torch.Tensor]:
+    """Every tensor a plan holds, through nested plan objects and sequences."""
+    if isinstance(plan, torch.Tensor):
+        return [plan]
+    if isinstance(plan, (list, tuple)):
+        return [t for item in plan for t in plan_tensors(item)]
+    if hasattr(plan, "__dict__") and not isinstance(plan, type):
+        return [t for value in vars(plan).values() for t in plan_tensors(value)]
+    return []
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_plans_are_not_in_the_state_dict_and_keep_their_dtype(method):
     model = get_peft_model(build("mlp"), method_config(method))
     keys = set(model.state_dict())
     layer = model.base_model.model.lin1
     plan = layer.plan("default")
-    tensors = [t for t in vars(plan).values() if isinstance(t, torch.Tensor) and t.numel()]
+    tensors = [t for t in plan_tensors(plan) if t.numel()]
     saved = {v.untyped_storage().data_ptr() for v in model.state_dict().values() if v.numel()}
     # by storage: state_dict() hands out new tensor objects (detached views), never the plan's own
     assert tensors

@@ -18,7 +18,8 @@ from .auto import (
 from .config import PeftConfig, PeftType, TaskType, TunerConfig, get_peft_config
 from .contract import register_method
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
 from .ops.spectral_op import cached_merged_weights
 from .integrations.optim import adapter_param_groups
 from .methods import (BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTConv2d,

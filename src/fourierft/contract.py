@@ -25,7 +25,7 @@ plan
     Derived tensors rebuilt from a config and a layer's shape, never saved: FourierFT's frequency positions
     and :class:`~fourierft.ops.spectral.SpectralPlan`, BOFT's :class:`~fourierft.ops.butterfly.ButterflyPlan`.
     A layer holds its plans on its adapters' device; live layers of one shape share them
-    (:class:`~fourierft.layer.SharedPlans`). **Derived tensors** are the plan tensors a file fingerprints.
+    (:class:`~fourierft.plans.SharedPlans`). **Derived tensors** are the plan tensors a file fingerprints.
 merge / unmerge
     Fold an adapter into the base weight / take it out again, exactly.
 mixed batch

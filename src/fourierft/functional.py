@@ -18,7 +18,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import inject_adapter_in_model
 from .serialization.folders import load_weights_file
 from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict

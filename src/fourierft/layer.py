@@ -6,23 +6,21 @@ bookkeeping every method shares: active adapters, enable/disable, merge/unmerge,
 method subclass supplies (four required hooks, five optional ones) is written down, with the glossary, in
 :class:`fourierft.contract.MethodLayer`.
 
-:class:`SharedPlans` lets live layers of one shape share their plans (derived tensors) without a global cache.
-
-:class:`ModulesToSaveWrapper` keeps a trainable copy of a whole module per adapter (``modules_to_save``).
+Beside it: :mod:`fourierft.plans` (plans shared between live layers), :mod:`fourierft.mixed_batch` (per-sample
+adapter indices) and :mod:`fourierft.modules_to_save` (``ModulesToSaveWrapper``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
-import weakref
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import quantized
+from .mixed_batch import sample_groups
 
 logger = logging.getLogger(__name__)
 
@@ -267,203 +265,3 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"
-
-
-BASE_ADAPTER_NAME = "__base__"
-
-
-class SharedPlans:
-    """Plans (derived, unsaved tensors) shared by every layer built with the same key.
-
-    Layers hold a strong reference to the plans they use; this registry holds weak ones only, so that
-    layers of one shape share one copy while it lives, and deleting the last model that uses a plan frees
-    it: the registry never outgrows the live models. Values must support weak references (tensors,
-    dataclass instances).
-    """
-
-    def __init__(self) -> None:
-        self._plans: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        """The live plan of ``key``, or ``build()``'s result, registered for the next layer asking."""
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = build()
-            self._plans[key] = plan
-        return plan
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def values(self) -> list:
-        """The live plans."""
-        return list(self._plans.values())
-
-
-class SampleAdapters(list):
-    """The per-sample adapter names of one mixed batch, with the index tensors every layer looks up.
-
-    Set on the layers by :meth:`fourierft.tuner.AdapterModel.mixed_batch` and dropped when it ends, so
-    the index tensors live exactly as long as the batch layout.
-    """
-
-    def __init__(self, names: Iterable[str]) -> None:
-        super().__init__(names)
-        self.index_cache: dict[tuple, Any] = {}
-
-
-def _cached(sample_adapters: Sequence[str], key: tuple, build: Callable[[], Any]) -> Any:
-    cache = getattr(sample_adapters, "index_cache", None)
-    if cache is None:
-        return build()
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
-
-
-def sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str],
-                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """:func:`_sample_groups` on ``device`` (computed once per batch layout for all layers)."""
-    def build():
-        return {k: v.to(device) for k, v in _sample_groups(list(sample_adapters), batch, available).items()}
-
-    return _cached(sample_adapters, ("groups", batch, tuple(available), str(device)), build)
-
-
-def sample_slots(sample_adapters: Sequence[str], batch: int, names: Sequence[str],
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(batch,)`` int64: the position in ``names`` of each sample's adapter, ``len(names)`` for samples
-    using none of them (computed once per batch layout, like :func:`sample_groups`)."""
-    def build():
-        repeat = batch // len(sample_adapters)  # validated by sample_groups first
-        position = {name: i for i, name in enumerate(names)}
-        slots = [position.get(name, len(names)) for name in sample_adapters for _ in range(repeat)]
-        return torch.tensor(slots, dtype=torch.long).to(device)
-
-    return _cached(sample_adapters, ("slots", batch, tuple(names), str(device)), build)
-
-
-def _sample_groups(sample_adapters: Sequence[str], batch: int, available: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Sample indices per adapter for a mixed batch; samples naming ``__base__`` or an adapter this layer
-    does not hold use the base layer. Beam search repeats each sample ``k`` times: names are repeated alike.
-
-    Raises:
-        ValueError: The batch size is not a multiple of the number of names.
-    """
-    names = list(sample_adapters)
-    if not names or batch % len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} samples")
-    repeat = batch // len(names)
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        if name in available:
-            groups.setdefault(name, []).extend(range(i * repeat, (i + 1) * repeat))
-    return {name: torch.tensor(index, dtype=torch.long) for name, index in groups.items()}
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps the original module frozen and a trainable deep copy per adapter (``modules_to_save``)."""
-
-    #: Where the per-adapter copies live, as on an adapter layer (code walking adapter-holding modules reads it).
-    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
-    other_param_names: tuple[str, ...] = ()
-
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
-        super().__init__()
-        self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict()
-        self._active_adapter: Optional[str] = None
-        self._disable_adapters = False
-        self.sample_adapters: Optional[list[str]] = None
-        self.update(adapter_name)
-        self.set_adapter(adapter_name)
-
-    @property
-    def active_adapter(self) -> Optional[str]:
-        return self._active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        """PEFT's list form of :attr:`active_adapter` (empty when none is active)."""
-        return [] if self._active_adapter is None else [self._active_adapter]
-
-    @property
-    def disable_adapters(self) -> bool:
-        """True while the adapters are disabled (the original module runs)."""
-        return self._disable_adapters
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._active_module().weight
-
-    def _active_module(self) -> nn.Module:
-        if self._disable_adapters or self._active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self._active_adapter]
-
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name``."""
-        if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
-        self.original_module.requires_grad_(False)
-
-    @property
-    def merged_adapters(self) -> list[str]:
-        """Always empty: a copy is never merged (as PEFT's wrapper)."""
-        return []
-
-    def check_set_adapter(self, adapter_names: str | list[str]) -> Optional[str]:
-        """The one name among ``adapter_names`` that has a copy here, or ``None``; changes nothing.
-
-        Raises:
-            ValueError: Several of them have a copy here (PEFT's wording).
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        owned = [n for n in names if n in self.modules_to_save]
-        if len(owned) > 1:
-            raise ValueError(f"Only one adapter can be set at a time for {self}, got {len(owned)}")
-        return owned[0] if owned else None
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """Use ``adapter_names``' copy (at most one of them may have one); it trains unless ``inference_mode``."""
-        active = self.check_set_adapter(adapter_names)
-        owned = [] if active is None else [active]
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name in owned and not inference_mode)
-        self._active_adapter = active
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Turn gradients on or off for the copies of ``adapter_names`` held here."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            if name in self.modules_to_save:
-                self.modules_to_save[name].requires_grad_(requires_grad)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self._disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
-        if self._active_adapter == adapter_name:
-            remaining = list(self.modules_to_save.keys())
-            self._active_adapter = remaining[0] if remaining else None
-
-    def forward(self, *args, **kwargs):
-        if self.sample_adapters is None or self._disable_adapters or not args:
-            return self._active_module()(*args, **kwargs)
-        x = args[0]
-        groups = sample_groups(self.sample_adapters, x.shape[0], list(self.modules_to_save.keys()), x.device)
-        out = self.original_module(*args, **kwargs)
-        for name, index in groups.items():
-            part = self.modules_to_save[name](x[index], *args[1:], **kwargs)
-            out = out.index_copy(0, index, part.to(out.dtype))
-        return out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save", "_active_adapter", "_disable_adapters"):
-                raise
-            return getattr(self._active_module(), name)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .layer import AdapterLayer, ModulesToSaveWrapper
+from .layer import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
 from .tuner import AdapterModel
 
 __all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status"]

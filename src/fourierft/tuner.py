@@ -19,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quantized
-from .layer import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper, SampleAdapters
+from .layer import AdapterLayer
+from .mixed_batch import BASE_ADAPTER_NAME, SampleAdapters
+from .modules_to_save import ModulesToSaveWrapper
 from .partitioned import check_gatherable, gathered
 from .targets import is_excluded, is_target, layer_coverage, resolve_target_modules
 

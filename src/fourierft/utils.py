@@ -5,7 +5,7 @@ Everything here is re-exported from where it lives; nothing is defined twice.
 """
 
 from .config import CONFIG_NAME, PeftType, TaskType
-from .layer import ModulesToSaveWrapper
+from .modules_to_save import ModulesToSaveWrapper
 from .methods import BOFTModel, FourierFTModel
 from .serialization.state_dict import (
     get_base_model_state_dict,

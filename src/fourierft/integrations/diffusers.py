@@ -40,7 +40,8 @@ from ..config import PeftConfig
 from ..contract import tuner_class
 from ..functional import delete_adapter as _delete_from_layers
 from ..functional import set_requires_grad
-from ..layer import AdapterLayer, ModulesToSaveWrapper
+from ..layer import AdapterLayer
+from ..modules_to_save import ModulesToSaveWrapper
 from ..serialization import state_dict as ckpt
 from ..serialization.folders import atomic_write_dir, load_config, load_weights_file
 from ..serialization.state_dict import is_legacy_format as _is_legacy

@@ -27,7 +27,9 @@ from torch import nn
 
 from ..config import TunerConfig
 from ..contract import register_method
-from ..layer import AdapterLayer, SharedPlans, sample_slots
+from ..layer import AdapterLayer
+from ..mixed_batch import sample_slots
+from ..plans import SharedPlans
 from ..ops import butterfly
 from ..tuner import AdapterModel
 

@@ -31,7 +31,9 @@ from torch.nn.modules import module as _module_registry  # the global hook dicts
 
 from ..config import TunerConfig
 from ..contract import register_method
-from ..layer import AdapterLayer, SharedPlans, sample_slots
+from ..layer import AdapterLayer
+from ..mixed_batch import sample_slots
+from ..plans import SharedPlans
 from ..ops import spectral
 from ..ops._placement import on_real_cpu, place
 from ..ops.spectral_op import fourierft_linear

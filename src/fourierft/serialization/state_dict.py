@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..contract import legacy_ignored_suffixes
-from ..layer import AdapterLayer, ModulesToSaveWrapper
+from ..layer import AdapterLayer
+from ..modules_to_save import ModulesToSaveWrapper
 from ..partitioned import check_full, full_shape, gathered, is_partitioned
 from ..tuner import AdapterModel
 from .tensors import CheckpointError
