@@ -140,6 +140,28 @@ def test_engine_saves_reloads_and_merges(request, fixture, launcher, reference, 
             assert report["merge_refused"] is None and report["merge_max_abs_diff"] <= OUTPUT_TOLERANCE
 
 
+@pytest.mark.parametrize("fixture,launcher,reference", RUNS)
+def test_fourierft_file_loads_in_peft(request, fixture, launcher, reference):
+    """peft 0.21.2 loads each engine's FourierFT file and gives our reloaded outputs.
+
+    BOFT files are not tried: on a machine without its CUDA extension peft forces ``m = 1`` and refuses these
+    ``m = 2`` tensors with a size mismatch (docs/migrating.md); test_boft_model.py compares BOFT with peft at ``m = 1``.
+    """
+    peft = pytest.importorskip("peft")
+    folder = str(request.getfixturevalue(fixture) / "out" / launcher / "fourierft")
+    sys.path.insert(0, str(EXAMPLES))
+    import train_ddp
+
+    from fourierft import PeftModel
+
+    batch = train_ddp.synthetic_sequences(16, seed=2)
+    ours = PeftModel.from_pretrained(train_ddp.build_base_model(None, 0), folder).eval()
+    theirs = peft.PeftModel.from_pretrained(train_ddp.build_base_model(None, 0), folder).eval()
+    with torch.no_grad():
+        gap = (ours(input_ids=batch).logits - theirs(input_ids=batch).logits).abs().max().item()
+    assert gap <= OUTPUT_TOLERANCE
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("method", METHODS)
 def test_zero3_trainer_resumes_from_its_checkpoint(zero3, single, method):
