@@ -78,7 +78,7 @@ def bench_method(method: str, args) -> list[dict]:
                          "separate_ms": 1e3 * sep, "mixed_over_single": mixed / single,
                          "separate_over_mixed": sep / mixed})
     per_adapter = adapter_bytes(model, "a1" if max(ks) > 1 else "a0")
-    plan_bytes = sum(sum(t.numel() * t.element_size() for t in fourierft.ops.spectral.plan_buffers(p).values())
+    plan_bytes = sum(sum(t.numel() * t.element_size() for t in p.tensors().values())
                      for p in fourierft_method._PLANS.values()) if method == "fourierft" else 0
     load = time_loading(model, method, min(max(ks), args.load_k))
     for row in rows:

@@ -118,3 +118,19 @@ def test_bitsandbytes_cpu_layout_inverse():
     inverse = getattr(functional, "_convert_weight_packed_for_cpu_inverse", None)
     assert inverse is not None, "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse is gone"
     assert list(inspect.signature(inverse).parameters)[:2] == ["packed_weight", "quant_state"]
+
+
+def test_fake_mode_detection_and_mode_suspension():
+    """``ops/_placement.py``: frequency entries and butterfly permutations are computed with every dispatch mode
+    suspended (``_disable_current_modes``) and placed as fake tensors of the mode ``detect_fake_mode`` finds."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    assert detect_fake_mode() is None, "torch._guards.detect_fake_mode sees a mode outside any"
+    with FakeTensorMode() as mode:
+        assert detect_fake_mode() is mode, "torch._guards.detect_fake_mode no longer finds the active FakeTensorMode"
+        with _disable_current_modes():
+            real = torch.arange(3)
+        assert type(real) is torch.Tensor and real.tolist() == [0, 1, 2], "_disable_current_modes no longer suspends"
+        assert isinstance(torch.arange(3), FakeTensor)

@@ -193,11 +193,17 @@ def figure_boft_factors() -> None:
 COMMANDS = {
     "serving": "python benchmarks/bench_serving.py",
     "models": "python benchmarks/bench_models.py",
-    "spectral_op": "python benchmarks/bench_spectral_op.py --methods frozen,ours,ours@spectral,ours@merged,peft_fft,peft_lora",
-    "spectral_op_cpu1": "python benchmarks/bench_spectral_op.py --threads 1 --methods frozen,ours,ours@spectral,ours@merged,"
-                        "peft_fft,peft_lora --out benchmarks/results/spectral_op_cpu1.json",
-    "spectral_op_accum4": "python benchmarks/bench_spectral_op.py --accumulate 4 --shapes 768:128,768:512,1024:512,2048:2048 "
+    "spectral_op": "python benchmarks/bench_spectral_op.py --baseline c7050e7 --methods frozen,ours,base,peft_fft,peft_lora "
+                   "--budget 1.5",
+    "spectral_op_cpu1": "python benchmarks/bench_spectral_op.py --baseline c7050e7 --threads 1 --methods "
+                        "frozen,ours,base,peft_fft,peft_lora --budget 1.5 --shapes 384:128,...,4096:512 "
+                        "--out benchmarks/results/spectral_op_cpu1.json",
+    "spectral_op_accum4": "python benchmarks/bench_spectral_op.py --baseline c7050e7 --accumulate 4 --methods "
+                          "frozen,ours,base,peft_fft,peft_lora --shapes 768:128,768:512,1024:512,2048:2048 "
                           "--out benchmarks/results/spectral_op_accum4.json",
+    "spectral_op_compiled": "python benchmarks/bench_spectral_op.py --baseline c7050e7 --compile --methods "
+                            "frozen,ours,base,peft_lora --shapes 384:512,768:128,768:512,1024:512,2048:512 "
+                            "--out benchmarks/results/spectral_op_compiled.json",
     "models_cpu1": "python benchmarks/bench_models.py --threads 1 --models minilm-qv,minilm-all,bert "
                    "--variants frozen,ours-fourierft,peft-fourierft,peft-lora-r8 --out benchmarks/results/models_cpu1.json",
     "butterfly_op": "python benchmarks/bench_butterfly_op.py",
@@ -362,18 +368,23 @@ def _tokens(r: dict):
     return r.get("tokens", r.get("T"))
 
 
-SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft (chosen path)", "ours@spectral": "fourierft, spectral path",
-                   "ours@merged": "fourierft, merged path", "peft_fft": "peft FourierFT", "peft_lora": "peft LoRA r=8"}
+SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft (chosen route)",
+                   "ours@spectral": "fourierft, spectral route", "ours@merged": "fourierft, merged route",
+                   "base": "fourierft before the one-op change", "peft_fft": "peft FourierFT",
+                   "peft_lora": "peft LoRA r=8"}
 BUTTERFLY_LABELS = {"frozen": "frozen layer", "ours": "fourierft BOFT", "peft_boft": "peft BOFT",
                     "peft_lora": "peft LoRA r=8"}
 SPECTRAL_STYLES = {"ours": ("tab:blue", "-"), "ours@spectral": ("tab:blue", ":"), "ours@merged": ("tab:cyan", "--"),
-                   "peft_fft": ("tab:orange", "-"), "peft_lora": ("tab:gray", "-")}
+                   "base": ("tab:purple", "-."), "peft_fft": ("tab:orange", "-"), "peft_lora": ("tab:gray", "-")}
 
 
 def _chosen_path(tokens: int, d: int, n: int, threads: int) -> str:
-    from fourierft.ops.spectral import choose_path
+    """The route the CPU rule picks for this training step (fourierft.ops.spectral_routes)."""
+    from fourierft.ops.spectral_routes import route_costs
 
-    return choose_path(tokens, d, d, n, True, fused=True, threads=threads)
+    costs = route_costs("cpu", tokens=tokens, d_out=d, d_in=d, n=n, grad=True, fused=True,
+                        weight_dtype=torch.float32, threads=threads)
+    return min(costs, key=costs.get)
 
 
 def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
@@ -408,6 +419,7 @@ def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
     fig.tight_layout()
     _save(fig, f"bench_{name}.png")
     table_rows = []
+    with_base = any(r["method"] == "base" for r in rows)
     for d, t in dict.fromkeys((r["d"], _tokens(r)) for r in rows):
         ours, peft, lora, frozen = (by.get((d, t, m)) for m in ("ours", "peft_fft", "peft_lora", "frozen"))
         if ours is None or frozen is None:
@@ -418,10 +430,12 @@ def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
             d, t, _chosen_path(t, d, n, threads), fmt(frozen["median_ms"], 2), fmt(ours["vs_frozen"], 2),
             fmt(lora["vs_frozen"], 2) if lora else "-", fmt(peft["vs_frozen"], 2) if peft else "-", fmt(ovh, 2),
             fmt(ours.get("peft_fft_over_this"), 2), fmt(ours.get("saved_mb"), 1), fmt(peft.get("saved_mb"), 1) if peft else "-",
-            fmt(ours.get("peak_mb"), 1), fmt(peft.get("peak_mb"), 1) if peft else "-", fmt(frozen.get("peak_mb"), 1)])
+            fmt(ours.get("peak_mb"), 1), fmt(peft.get("peak_mb"), 1) if peft else "-", fmt(frozen.get("peak_mb"), 1)]
+            + ([fmt(ours.get("base_over_this"), 2)] if with_base else []))
     table = markdown_table(
-        ["d", "T", "path", "frozen ms", "ours x frozen", "LoRA x frozen", "peft FFT x frozen", "overhead / LoRA's",
-         "peft FFT / ours", "saved MiB ours", "saved MiB peft", "peak MiB ours", "peak MiB peft", "peak MiB frozen"],
+        ["d", "T", "route", "frozen ms", "ours x frozen", "LoRA x frozen", "peft FFT x frozen", "overhead / LoRA's",
+         "peft FFT / ours", "saved MiB ours", "saved MiB peft", "peak MiB ours", "peak MiB peft", "peak MiB frozen"]
+        + (["before / now"] if with_base else []),
         table_rows)
     return (f"![spectral op benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\n{table}")
 
@@ -466,6 +480,7 @@ def bench_butterfly_op(data: dict) -> str:
 BENCHMARKS = {"serving": bench_serving, "models": bench_models, "spectral_op": bench_spectral_op,
               "spectral_op_cpu1": lambda data: bench_spectral_op(data, "spectral_op_cpu1"),
               "spectral_op_accum4": lambda data: bench_spectral_op(data, "spectral_op_accum4"),
+              "spectral_op_compiled": lambda data: bench_spectral_op(data, "spectral_op_compiled"),
               "models_cpu1": lambda data: bench_models(data, "models_cpu1"),
               "butterfly_op": bench_butterfly_op}
 

@@ -52,7 +52,7 @@ from typing import Sequence
 
 import torch
 
-from . import _native  # noqa: F401  (registers the fourierft:: ops)
+from . import _native
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def _real_view(spec: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter_irfft(src: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, d: int) -> torch.Tensor:
-    half = torch.ops.fourierft.scatter_products(src, a, b, coef, 2 * (d // 2 + 1))
+    half = _native.scatter(src, a, b, coef, 2 * (d // 2 + 1))
     return torch.fft.irfft(torch.view_as_complex(half.view(src.shape[0], -1, 2)), n=d)
 
 
@@ -394,6 +394,6 @@ def transposed_map(g2: torch.Tensor, plan: TokenPlan, coef: torch.Tensor) -> tor
 def spectrum_products(x2: torch.Tensor, g2: torch.Tensor, plan: TokenPlan, runs: int = 1) -> torch.Tensor:
     r"""``(runs, n)`` sums over each run's tokens of ``Re R Re G + sigma Im R Im G`` at every entry, where
     ``R = rfft(x2)`` and ``G = rfft(g2)``: times ``a / (d_out d_in)`` they are the coefficient gradient."""
-    prods = torch.ops.fourierft.pair_products(_real_view(torch.fft.rfft(x2)), _real_view(torch.fft.rfft(g2)),
-                                              plan.in_cols, plan.out_cols, runs)
+    prods = _native.pair(_real_view(torch.fft.rfft(x2)), _real_view(torch.fft.rfft(g2)), plan.in_cols,
+                         plan.out_cols, runs)
     return (prods * plan.grad_sign.to(prods.dtype)).view(runs, -1, 2).sum(-1)

@@ -88,11 +88,14 @@ def _merged_weight(weight, weight_plans, spectra, scalings, transposed) -> torch
 def _coefficients(spectra, scalings, weight, norm, dtype, slots) -> torch.Tensor:
     """Per-entry multipliers ``c_i a / norm * weight`` as ``(R, 2n)`` rows: one row for the summed adapters,
     or (``slots``) one per sample: its adapter's entries, zeros for a sample without adapter."""
-    parts = [s.detach().to(dtype) * (a / norm) for s, a in zip(spectra, scalings)]
+    pairs = weight.to(dtype).view(-1, 2)  # [re, im] weight per entry
     if slots is None:
-        return (torch.cat(parts).repeat_interleave(2) * weight.to(dtype)).unsqueeze(0)
-    table = torch.stack(parts + [torch.zeros_like(parts[0])]).repeat_interleave(2, dim=1)
-    return table.mul_(weight.to(dtype)).index_select(0, slots).contiguous()
+        c = torch.cat([s.detach().to(dtype) * (a / norm) for s, a in zip(spectra, scalings)]) if len(spectra) > 1 \
+            else spectra[0].detach().to(dtype) * (scalings[0] / norm)
+        return (c.unsqueeze(1) * pairs).view(1, -1)
+    table = torch.stack([s.detach().to(dtype) * (a / norm) for s, a in zip(spectra, scalings)]
+                        + [pairs.new_zeros(pairs.shape[0])])
+    return (table.unsqueeze(2) * pairs).view(table.shape[0], -1).index_select(0, slots)
 
 
 class _FourierFT(torch.autograd.Function):
