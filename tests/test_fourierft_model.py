@@ -326,17 +326,15 @@ class _LargestOutput(TorchDispatchMode):
 
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_spectral_training_step_never_builds_the_weight_change(conv1d):
-    """The spectral (activation-side) path, which choose_path picks for few tokens, holds no d_out x d_in tensor."""
+    """The spectral (activation-side) route, which the rule picks for few tokens, holds no d_out x d_in tensor."""
     from transformers.pytorch_utils import Conv1D
-
-    from fourierft.ops import spectral
 
     d_in, d_out, tokens = 96, 80, 4
     layer = Conv1D(d_out, d_in) if conv1d else torch.nn.Linear(d_in, d_out)
     model = fourierft.get_peft_model(torch.nn.Sequential(layer), FourierFTConfig(target_modules=["0"], n_frequency=500))
     model.train()
     x = torch.randn(2, tokens // 2, d_in, requires_grad=True)
-    assert spectral.choose_path(tokens, d_out, d_in, 500, True, fused=True) == "spectral"
+    assert [r.route for r in fourierft.explain_routes(model, x)] == ["spectral"]
     with _LargestOutput() as mode:
         model(x).square().sum().backward()
     assert mode.largest < d_out * d_in, mode.op
@@ -349,7 +347,7 @@ def test_fused_training_path_equals_separate_base(conv1d, monkeypatch):
     layer (which must then run as a module) the separate path runs: both give the same values and grads."""
     from transformers.pytorch_utils import Conv1D
 
-    from fourierft.ops import spectral
+    from fourierft.methods import fourierft as method
 
     torch.manual_seed(0)
     d_in, d_out = 24, 18
@@ -359,8 +357,9 @@ def test_fused_training_path_equals_separate_base(conv1d, monkeypatch):
     wrapped, spectrum = model.base_model.model[0], model.base_model.model[0].fourierft_spectrum["default"]
     x = torch.randn(3, 5, d_in, requires_grad=True)
     calls = []
-    real = spectral.linear_spectral_apply
-    monkeypatch.setattr(spectral, "linear_spectral_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = method.fourierft_linear  # counts the calls that fuse the base product in
+    monkeypatch.setattr(method, "fourierft_linear",
+                        lambda *a, **k: (k.get("weight") is not None and calls.append(1)) or real(*a, **k))
 
     def run():
         y = model(x)

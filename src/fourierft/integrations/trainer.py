@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..ops.spectral_op import cached_merged_weights
 from ..peft_model import PeftModel
 from ..serialization.folders import adapter_dir, load_weights_file
 from ..serialization.state_dict import FINGERPRINT_KEY, set_peft_model_state_dict
@@ -110,6 +111,7 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.adapter_lr = adapter_lr
         self.head_lr = head_lr
+        self._merged_scope = None  # open across the micro-batches of one optimizer step (training_step)
         if not any(isinstance(c, SpectrumLRCallback) for c in self.callback_handler.callbacks):
             self.add_callback(SpectrumLRCallback())
 
@@ -120,6 +122,23 @@ class AdapterTrainer(Trainer):
         except TypeError:  # accelerate < 1.2 has no keep_torch_compile
             model = getattr(self.accelerator.unwrap_model(model), "_orig_mod", model)
         return model if isinstance(model, PeftModel) else None
+
+    def training_step(self, model: nn.Module, inputs, *args, **kwargs):
+        """Trainer's step, inside one :func:`~fourierft.cached_merged_weights` scope per optimizer step: with
+        gradient accumulation each FourierFT layer on the ``W + dW`` route builds it once for all micro-batches.
+        The scope closes (freeing those weights) after the micro-batch that precedes the optimizer step."""
+        if self._merged_scope is None:
+            self._merged_scope = cached_merged_weights()
+            self._merged_scope.__enter__()
+        last = True
+        try:
+            result = super().training_step(model, inputs, *args, **kwargs)
+            last = self.accelerator.sync_gradients
+            return result
+        finally:
+            if last:  # also on an error: never leave the scope open
+                scope, self._merged_scope = self._merged_scope, None
+                scope.__exit__(None, None, None)
 
     def _distributed_state(self) -> bool:
         return bool(getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))

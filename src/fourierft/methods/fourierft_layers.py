@@ -7,8 +7,9 @@ The weight change keeps FourierFT's definition, :math:`\Delta W = a\,\mathrm{Re}
   flattened ``(out_channels, in_channels * kh * kw)`` weight (flattened in ``(in, kh, kw)`` order, as
   ``weight.reshape(out, -1)``) and reshaped to the kernel. ``d_out = out_channels``,
   ``d_in = in_channels * kh * kw``, and ``n_frequency`` must not exceed their product. Unmerged, the layer
-  runs one convolution with ``W + dW`` (one ``ifft2`` per forward; the unfolded activations would be
-  ``kh * kw`` times larger than the input).
+  runs one convolution with ``W + dW`` (``dW`` by one real ``irfft2`` per forward,
+  :func:`fourierft.ops.spectral.delta_weight`; the unfolded activations would be ``kh * kw`` times larger than
+  the input).
 * **Embedding**: ``dW`` is defined on the ``(num_embeddings, embedding_dim)`` table (``d_out`` =
   ``num_embeddings``, ``d_in`` = ``embedding_dim``). Unmerged, only the looked-up rows are computed where
   that is cheaper than the whole table: for a row ``j``,
@@ -104,7 +105,7 @@ _NS_TABLE_POINT = 3.0  # per d_out * d_in * log2(d_out * d_in): ifft2 of the who
 
 
 def embedding_path(distinct_ids: int, num_embeddings: int, dim: int, n_total: int) -> str:
-    """``"rows"`` (only the looked-up rows of ``dW``) or ``"table"`` (the whole ``dW`` by ``ifft2``).
+    """``"rows"`` (only the looked-up rows of ``dW``) or ``"table"`` (the whole ``dW`` by ``irfft2``).
 
     Measured (training step, one thread, n=1000): 50,000 x 768 with 512 ids: rows 27 ms, table 4.5 s;
     5,000 x 256 with 512 ids: rows 18 ms, table 62 ms; 1,000 x 64 with 256 ids: rows 8.5 ms, table 0.9 ms.
