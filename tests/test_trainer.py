@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from conftest import VOCAB, build
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
@@ -148,6 +149,17 @@ def test_quantized_base_is_accepted_for_training(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- stock Trainer
+def skip_if_trainer_cannot_resume() -> None:
+    """transformers < 4.47 loads a checkpoint's rng_state.pth with torch.load's default, which torch >= 2.6 makes
+    weights-only: it refuses the numpy arrays inside, so no Trainer (stock or ours) can resume (transformers' bug,
+    fixed in 4.47 by allow-listing them)."""
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("4.47") and Version(torch.__version__) >= Version("2.6"):
+        pytest.skip(f"transformers {transformers.__version__} cannot resume Trainer checkpoints under torch "
+                    f"{torch.__version__} (weights-only loading refuses rng_state.pth; fixed in transformers 4.47)")
+
+
 @pytest.mark.parametrize("make_base", [tied_gpt2, tied_llama], ids=["gpt2", "llama"])
 def test_stock_trainer_trains_checkpoints_and_resumes_tied_model(tmp_path, make_base):
     def make_trainer(model, out):  # the same schedule both times: evaluation draws from the global RNG too
@@ -164,6 +176,7 @@ def test_stock_trainer_trains_checkpoints_and_resumes_tied_model(tmp_path, make_
 
     resumed = lm_peft(make_base)
     assert not all(torch.equal(v, trained_tensors(resumed)[k]) for k, v in final.items())
+    skip_if_trainer_cannot_resume()
     make_trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert_same_tensors(trained_tensors(resumed), final)
     base = resumed.get_base_model()
@@ -213,6 +226,7 @@ def test_adapter_trainer_saves_adapter_only_and_loads_best(tmp_path):
 
 
 def test_adapter_trainer_resumes_from_adapter_checkpoint(tmp_path):
+    skip_if_trainer_cannot_resume()
     model = bert_peft()
     adapter_trainer(model, tmp_path / "a").train()
     final = trained_tensors(model)
