@@ -34,7 +34,7 @@ from ..contract import register_method
 from ..layer import AdapterLayer
 from ..mixed_batch import sample_slots
 from ..plans import SharedPlans
-from ..ops import spectral
+from ..ops import _native, spectral
 from ..ops._placement import on_real_cpu, place
 from ..ops.spectral_op import fourierft_linear
 from ..ops.spectral_routes import RouteChoice, recording_routes
@@ -286,6 +286,8 @@ class FourierFTLayer(AdapterLayer):
         for name, spectrum in self.fourierft_spectrum.items():
             if spectrum.device.type != "meta":
                 self.plan(name)  # built now, so that a torch.compile'd forward only looks it up
+            if spectrum.device.type == "cpu" and type(spectrum.data) is torch.Tensor:
+                _native.available()  # the CPU kernels too (built once per machine, loaded once per process)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -319,7 +321,9 @@ class FourierFTLinear(FourierFTLayer):
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
         if autocast or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        return x.dtype == weight.dtype and weight.numel() == self.in_features * self.out_features
+        # a wrong input width or dtype goes to the base layer, which raises its own error (as in peft)
+        return (x.dtype == weight.dtype and x.shape[-1] == self.in_features
+                and weight.numel() == self.in_features * self.out_features)
 
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         spectra, plans, scalings = self._adapter_args(adapter_names)

@@ -228,6 +228,11 @@ def available() -> bool:
     return _lib() is not None
 
 
+def loaded() -> bool:
+    """Whether the CPU kernels are already loaded (never builds them: safe inside a ``torch.compile`` trace)."""
+    return _STATE.get("lib") is not None
+
+
 def status() -> str:
     """Why the CPU kernels are on or off (builds them if that has not been tried yet)."""
     _lib()

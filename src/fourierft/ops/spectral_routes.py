@@ -114,7 +114,8 @@ def _fft_points(d: int) -> float:
 
 
 def _cpu_costs(tokens, d_out, d_in, n, grad, candidates, amortised, threads) -> dict[str, float]:
-    k = _CPU[(_native.available(), 1 if threads <= 1 else 2)]
+    native = _native.loaded() if torch.compiler.is_compiling() else _native.available()  # a trace never builds
+    k = _CPU[(native, 1 if threads <= 1 else 2)]
     f_in, f_out, size = _fft_points(d_in), _fft_points(d_out), d_out * d_in
     build = 0.0 if amortised else k["ifft2" if size <= 1 << 22 else "ifft2_big"] * size * math.log2(max(size, 2))
     costs = {}
