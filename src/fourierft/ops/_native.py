@@ -287,6 +287,13 @@ def _check_pair(r, g, a, b, runs) -> None:
     _check_runs(r.shape[0], runs)
 
 
+def _run(lib, kernel: str, dtype: torch.dtype, columns: tuple, *args) -> None:
+    """Call C ``kernel`` for ``dtype`` (arguments already checked); its column check's verdict as IndexError."""
+    code = getattr(lib, f"{kernel}_{'f32' if dtype == torch.float32 else 'f64'}")(*args)
+    if code != -1:
+        _raise_bad_index(code, *columns)
+
+
 def _raise_bad_index(code: int, a: torch.Tensor, b: torch.Tensor, a_bound: int, b_bound: int) -> None:
     if code > 0:
         raise IndexError(f"a[{code - 1}] = {int(a[code - 1])} is out of range for rows of width {a_bound}")
@@ -365,11 +372,9 @@ def _scatter_cpu(src, a, b, w, cols):
     if lib is None or src.shape[0] == 0:
         return _scatter_torch(src, a, b, w, cols)
     out = src.new_zeros(src.shape[0], cols)
-    fn = lib.scatter_products_f32 if src.dtype == torch.float32 else lib.scatter_products_f64
-    code = fn(src.data_ptr(), src.stride(0), src.shape[1], out.data_ptr(), out.stride(0), cols, src.shape[0],
-              w.shape[0], a.data_ptr(), b.data_ptr(), w.data_ptr(), a.numel(), _threads(src.shape[0]))
-    if code != -1:
-        _raise_bad_index(code, a, b, src.shape[1], cols)
+    _run(lib, "scatter_products", src.dtype, (a, b, src.shape[1], cols),
+         src.data_ptr(), src.stride(0), src.shape[1], out.data_ptr(), out.stride(0), cols, src.shape[0],
+         w.shape[0], a.data_ptr(), b.data_ptr(), w.data_ptr(), a.numel(), _threads(src.shape[0]))
     return out
 
 
@@ -403,11 +408,9 @@ def _pair_cpu(r, g, a, b, runs):
         return _pair_torch(r, g, a, b, runs)
     threads = _threads(r.shape[0])
     acc = r.new_zeros(threads, runs, a.numel())
-    fn = lib.pair_products_f32 if r.dtype == torch.float32 else lib.pair_products_f64
-    code = fn(r.data_ptr(), r.stride(0), r.shape[1], g.data_ptr(), g.stride(0), g.shape[1], r.shape[0], runs,
-              a.data_ptr(), b.data_ptr(), a.numel(), acc.data_ptr(), threads)
-    if code != -1:
-        _raise_bad_index(code, a, b, r.shape[1], g.shape[1])
+    _run(lib, "pair_products", r.dtype, (a, b, r.shape[1], g.shape[1]),
+         r.data_ptr(), r.stride(0), r.shape[1], g.data_ptr(), g.stride(0), g.shape[1], r.shape[0], runs,
+         a.data_ptr(), b.data_ptr(), a.numel(), acc.data_ptr(), threads)
     return acc[0] if threads == 1 else acc.sum(0)
 
 
