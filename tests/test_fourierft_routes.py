@@ -12,6 +12,8 @@ import traceback
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fourierft
@@ -434,6 +436,14 @@ def _bert(config):
     return fourierft.get_peft_model(BertModel(cfg), config)
 
 
+#: transformers 4.x's BERT itself reads the attention mask back to the host in every forward (seen with plain
+#: BertModel on 4.45.2), inside the adapted model's forward, so the counter cannot tell those reads from the library's
+needs_transformers_5_bert = pytest.mark.skipif(
+    Version(transformers.__version__).major < 5,
+    reason=f"transformers {transformers.__version__} < 5: its BERT forward reads tensor values on the host itself")
+
+
+@needs_transformers_5_bert
 def test_host_read_counter_sees_a_read_from_library_code(monkeypatch):
     """The counter below can fail: an adapter forward that asks ``.item()`` is caught and named."""
     from fourierft.methods import fourierft as method
@@ -448,6 +458,7 @@ def test_host_read_counter_sees_a_read_from_library_code(monkeypatch):
 
 @pytest.mark.parametrize("method, route", [("fourierft", "spectral"), ("fourierft", "merged"), ("fourierft", "dense"),
                                            ("fourierft", None), ("boft", None)])
+@needs_transformers_5_bert
 def test_no_host_reads_in_the_hot_path(method, route):
     """A training step (forward and backward) and an eval forward, through every FourierFT route and through
     BOFT, read no tensor value back to the host from library code (``aten.item``/``equal``/``is_nonzero``/
@@ -498,6 +509,9 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.skipif(Version(transformers.__version__).major < 5,
+                    reason=f"transformers {transformers.__version__} < 5: a plain LlamaForCausalLM cannot run on the "
+                           "meta device (RuntimeError: unsupported scalarType, seen on 4.45.2)")
 def test_meta_device_workflow_as_in_peft(method):
     """Inject on meta, forward and backward on meta, ``to_empty``, load the weights: the CPU-built outputs."""
     torch.manual_seed(0)
