@@ -66,6 +66,7 @@ __all__ = [
     "delta_weight",
     "forward_map",
     "frequency_indices",
+    "half_spectrum",
     "make_spectral_plan",
     "make_token_plan",
     "make_weight_plan",
@@ -385,15 +386,20 @@ def forward_map(x2: torch.Tensor, plan: TokenPlan, coef: torch.Tensor) -> torch.
     return _scatter_irfft(_real_view(torch.fft.rfft(x2)), plan.in_cols, plan.out_cols, coef, plan.d_out)
 
 
-def transposed_map(g2: torch.Tensor, plan: TokenPlan, coef: torch.Tensor) -> torch.Tensor:
-    """``g2 @ dW`` for gradient rows ``g2`` ``(T, d_out)`` (the input gradient); ``coef`` as in
-    :func:`forward_map` with ``c_i a / d_out`` times ``bwd_weight``."""
-    return _scatter_irfft(_real_view(torch.fft.rfft(g2)), plan.out_cols, plan.in_cols, coef, plan.d_in)
+def half_spectrum(rows: torch.Tensor) -> torch.Tensor:
+    """``rfft`` of token rows ``(T, d)`` in its real view ``(T, 2 (d // 2 + 1))``, as the token maps read it."""
+    return _real_view(torch.fft.rfft(rows))
 
 
-def spectrum_products(x2: torch.Tensor, g2: torch.Tensor, plan: TokenPlan, runs: int = 1) -> torch.Tensor:
+def transposed_map(g_half: torch.Tensor, plan: TokenPlan, coef: torch.Tensor) -> torch.Tensor:
+    """``g2 @ dW`` for gradient rows ``g2`` ``(T, d_out)`` (the input gradient), from ``g_half =
+    half_spectrum(g2)``; ``coef`` as in :func:`forward_map` with ``c_i a / d_out`` times ``bwd_weight``."""
+    return _scatter_irfft(g_half, plan.out_cols, plan.in_cols, coef, plan.d_in)
+
+
+def spectrum_products(x2: torch.Tensor, g_half: torch.Tensor, plan: TokenPlan, runs: int = 1) -> torch.Tensor:
     r"""``(runs, n)`` sums over each run's tokens of ``Re R Re G + sigma Im R Im G`` at every entry, where
-    ``R = rfft(x2)`` and ``G = rfft(g2)``: times ``a / (d_out d_in)`` they are the coefficient gradient."""
-    prods = _native.pair(_real_view(torch.fft.rfft(x2)), _real_view(torch.fft.rfft(g2)), plan.in_cols,
-                         plan.out_cols, runs)
+    ``R = rfft(x2)`` and ``G = rfft(g2)`` (given as ``g_half = half_spectrum(g2)``, which the input gradient
+    shares): times ``a / (d_out d_in)`` they are the coefficient gradient."""
+    prods = _native.pair(half_spectrum(x2), g_half, plan.in_cols, plan.out_cols, runs)
     return (prods * plan.grad_sign.to(prods.dtype)).view(runs, -1, 2).sum(-1)

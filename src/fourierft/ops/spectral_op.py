@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .spectral import (SpectralPlan, TokenPlan, concat_token_plans, delta_weight, fft_dtype, forward_map,
-                       spectrum_products, transposed_map)
+                       half_spectrum, spectrum_products, transposed_map)
 from .spectral_routes import choose_route
 
 __all__ = ["cached_merged_weights", "fourierft_linear"]
@@ -133,27 +133,28 @@ class _FourierFT(torch.autograd.Function):
         need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[9:])
         g2 = grad_y.reshape(-1, plan.d_out)
         grad_x = grad_c = None
+        # rfft(dL/dy) once, for the input gradient's map and the spectrum gradient's products
+        g_half = half_spectrum(g2.to(cdtype)) if g2.shape[0] and (need_c or need_x and ctx.on_activations) else None
         if need_x:
             if gemm_weight is not None:
                 grad_x = grad_y.matmul(gemm_weight if not ctx.transposed else gemm_weight.t())
             if ctx.on_activations and g2.shape[0]:
                 coef = _coefficients(spectra, scalings, plan.bwd_weight, plan.d_out, cdtype, slots)
-                gx = transposed_map(g2.to(cdtype), plan, coef)
+                gx = transposed_map(g_half, plan, coef)
                 grad_x = gx.to(x_dtype).reshape(x_shape) if grad_x is None else grad_x.view(-1, plan.d_in).add_(
                     gx.to(grad_x.dtype)).view(x_shape)
             elif grad_x is None:
                 grad_x = grad_y.new_zeros(x_shape, dtype=x_dtype)
         if need_c:
-            grad_c = _spectrum_grads(x.reshape(-1, plan.d_in).to(cdtype), g2.to(cdtype), plan, spectra, scalings,
-                                     slots, runs)
+            grad_c = _spectrum_grads(x.reshape(-1, plan.d_in).to(cdtype), g_half, plan, spectra, scalings, slots, runs)
         return (grad_x, None, None, None, None, None, None, None, None,
                 *(grad_c if grad_c is not None else [None] * len(spectra)))
 
 
-def _spectrum_grads(x2, g2, plan, spectra, scalings, slots, runs) -> list[torch.Tensor]:
+def _spectrum_grads(x2, g_half, plan, spectra, scalings, slots, runs) -> list[torch.Tensor]:
     if x2.shape[0] == 0:
         return [torch.zeros_like(s) for s in spectra]
-    prods = spectrum_products(x2, g2, plan, runs) / (plan.d_out * plan.d_in)  # (runs, n_total)
+    prods = spectrum_products(x2, g_half, plan, runs) / (plan.d_out * plan.d_in)  # (runs, n_total)
     if slots is None:
         parts = prods[0].split([s.numel() for s in spectra])
     else:  # one adapter per sample: sum each adapter's samples (the last row collects adapter-less ones)
