@@ -364,7 +364,8 @@ def explain_routes(model: nn.Module, *args, grad: bool = True, **kwargs) -> list
 
     Args:
         model: a model holding FourierFT layers (a :class:`~fourierft.PeftModel` or an injected model).
-        *args, **kwargs: the forward's inputs.
+        *args: the forward's positional inputs.
+        **kwargs: the forward's keyword inputs.
         grad: run the forward with gradients enabled (as training does) or not (as inference does).
     """
     names = {m: n for n, m in model.named_modules() if isinstance(m, FourierFTLinear)}

@@ -354,7 +354,8 @@ def scatter_products(src: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: tor
 
     Args:
         src: ``(T, *)`` float32/float64 rows, unit column stride.
-        a, b: contiguous int32 ``(m,)`` columns of ``src`` and of the output.
+        a: contiguous int32 ``(m,)`` columns of ``src``.
+        b: contiguous int32 ``(m,)`` columns of the output.
         w: contiguous ``(R, m)`` weights of ``src``'s dtype; ``T`` rows form ``R`` equal runs.
         cols: width of the output rows.
 
@@ -389,8 +390,10 @@ def pair_products(r: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Te
     """``out[s, j] = sum over the tokens t of run s of r[t, a[j]] * g[t, b[j]]``, shape ``(runs, m)``.
 
     Args:
-        r, g: ``(T, *)`` float32/float64 rows of one dtype and device, unit column stride.
-        a, b: contiguous int32 ``(m,)`` columns of ``r`` and ``g``.
+        r: ``(T, *)`` float32/float64 rows, unit column stride.
+        g: ``(T, *)`` rows of ``r``'s dtype and device, unit column stride.
+        a: contiguous int32 ``(m,)`` columns of ``r``.
+        b: contiguous int32 ``(m,)`` columns of ``g``.
         runs: number of equal token runs (``T % runs == 0``).
 
     Raises:

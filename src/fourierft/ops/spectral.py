@@ -355,7 +355,8 @@ def delta_rows(ids: torch.Tensor, spectrum: torch.Tensor, indices: torch.Tensor,
         ids: int64 row numbers ``(U,)``.
         spectrum: coefficients ``(n,)``.
         indices: ``(2, n)`` entries on ``ids``' device.
-        d_out, d_in: the weight's shape.
+        d_out: rows of the weight.
+        d_in: columns of the weight.
         scaling: the adapter's scaling ``a``.
     """
     dtype = fft_dtype(spectrum)

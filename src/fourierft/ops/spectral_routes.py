@@ -159,7 +159,10 @@ def route_costs(device_type: str, *, tokens: int, d_out: int, d_in: int, n: int,
 
     Args:
         device_type: ``"cpu"``, ``"cuda"``, ``"meta"``...: CPU uses the fitted model, others the counted one.
-        tokens, d_out, d_in, n: token rows, layer widths and entries (summed over adapters).
+        tokens: token rows.
+        d_out: output width of the layer.
+        d_in: input width of the layer.
+        n: entries, summed over the adapters.
         grad: whether gradients are needed.
         fused: whether the op also computes the frozen base product (``"merged"`` needs it).
         weight_dtype: the base weight's dtype when ``fused``.
