@@ -25,7 +25,8 @@ for every row:
   (block 32, Cayley-Neumann): stock ``transformers.Trainer`` at ``--lr`` (1e-3: PEFT's 1e-4 is sized for
   5000 steps, not 120);
 * ``fourierft FourierFT n=1500`` and ``fourierft BOFT block 8``: the largest adapters within issue 22's
-  parameter budgets (20x fewer than LoRA r=32; fewer than LoRA r=8), otherwise at their defaults.
+  parameter budgets (20x fewer than LoRA r=32; fewer than LoRA r=8), otherwise at their defaults;
+* ``fourierft FourierFT zero start``: the default FourierFT config with PEFT's ``init_weights=True``.
 
 ::
 
@@ -73,7 +74,7 @@ TARGETS = ["q_proj", "v_proj"]
 INSTRUCTION = "Solve it. End with: The answer is N."
 ROW_NAMES = ["base model", "fourierft FourierFT", "fourierft BOFT", "peft FourierFT (PEFT bench)",
              "peft FourierFT (our lr)", "peft BOFT", "peft LoRA r=8", "peft LoRA r=32", "peft OFT",
-             "fourierft FourierFT n=1500", "fourierft BOFT block 8"]
+             "fourierft FourierFT n=1500", "fourierft BOFT block 8", "fourierft FourierFT zero start"]
 #: PEFT's recorded rows (Llama-3.2-3B on MetaMathQA, GSM8K test, one L40S GPU), for the doc's table.
 PEFT_RECORDED = {"peft FourierFT (PEFT bench)": "0.0% (56,000 params, 1699 s)",
                  "peft BOFT": "34.3% (802,816 params, 6926 s)", "peft LoRA r=32": "47.8% (9.18M params, 942 s)",
@@ -196,6 +197,8 @@ def adapter_config(name: str):
         # the largest adapters that keep the issue's parameter budgets: 20x fewer than LoRA r=32, fewer than r=8
         "fourierft FourierFT n=1500": lambda: fourierft.FourierFTConfig(n_frequency=1500, **causal),
         "fourierft BOFT block 8": lambda: fourierft.BOFTConfig(boft_block_size=8, **causal),
+        # PEFT's other start (init_weights=True: the spectrum starts at zero, the adapter as the identity)
+        "fourierft FourierFT zero start": lambda: fourierft.FourierFTConfig(init_weights=True, **causal),
         "peft FourierFT (PEFT bench)": lambda: peft.FourierFTConfig(n_frequency=1000, scaling=300.0, **causal),
         "peft FourierFT (our lr)": lambda: peft.FourierFTConfig(**causal),
         "peft BOFT": lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, **causal),
