@@ -158,9 +158,13 @@ class Variant:
                 "trainable": sum(p.numel() for p in self.params)}
 
 
-def run_model(label, make_model, task, args, targets=None, n_frequency=1000, tokens=None, batch_size=None):
+def run_model(label, make_model, task, args, targets=None, n_frequency=1000, tokens=None, batch_size=None,
+              shape=""):
+    """Time every variant on one model; ``shape`` (what the model is) is kept in each row for the docs."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 8192, (batch_size or args.batch, tokens or args.tokens), generator=g)
+    shape = f"{shape}, batch {ids.shape[0]} x {ids.shape[1]} tokens" + (
+        f", targets {', '.join(targets)}" if targets else ", default targets") + f", FourierFT n_frequency={n_frequency}"
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     chosen = [v for v in variants(task, targets, n_frequency).items()
               if args.variants is None or v[0] in args.variants]
@@ -173,7 +177,7 @@ def run_model(label, make_model, task, args, targets=None, n_frequency=1000, tok
     rows = []
     for v in models:
         row = v.finish()
-        row["model"] = label
+        row["model"], row["shape"] = label, shape
         rows.append(row)
         print(f"  {label:10} {row['variant']:15} train {row['train_ms']:8.1f} ms  saved {row['saved_MiB']:7.1f} MiB  "
               f"eval {row['eval_ms']:7.1f} ms", file=sys.stderr, flush=True)
@@ -233,22 +237,26 @@ def main():
     args.repeats = repeats or args.repeats
     rows = []
     if "bert" in wanted:
-        rows += run_model("bert", bert, "SEQ_CLS", args)
+        rows += run_model("bert", bert, "SEQ_CLS", args,
+                          shape=f"BERT-shaped classifier, random weights, hidden {args.hidden}, {args.layers} layers")
     llama_args = copy.copy(args)
     if not args.quick:
         llama_args.hidden, llama_args.layers = 1024, 4
     if "llama" in wanted:
-        rows += run_model("llama", llama, "CAUSAL_LM", llama_args)
+        rows += run_model("llama", llama, "CAUSAL_LM", llama_args,
+                          shape=f"Llama-shaped causal LM, random weights, hidden {llama_args.hidden}, "
+                                f"{llama_args.layers} layers, {args.new_tokens} tokens generated")
     if "minilm-qv" in wanted:
         rows += run_model("minilm-qv", minilm, "SEQ_CLS", args, targets=["query", "value"], n_frequency=400,
-                          tokens=40, batch_size=32)
+                          tokens=40, batch_size=32, shape="all-MiniLM-L6-v2, real weights")
     if "minilm-all" in wanted:
         rows += run_model("minilm-all", minilm, "SEQ_CLS", args, n_frequency=400, tokens=40, batch_size=32,
+                          shape="all-MiniLM-L6-v2, real weights",
                           targets=["query", "key", "value", "attention.output.dense", "intermediate.dense",
                                    "output.dense"])
     print(f"BERT: hidden {args.hidden}, {args.layers} layers; Llama: hidden {llama_args.hidden}, "
           f"{llama_args.layers} layers; batch {args.batch} x {args.tokens} tokens; MiniLM: 32 x 40 tokens; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} thread(s)")
     print_table(rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:

@@ -24,7 +24,7 @@ for every row:
 * ``peft BOFT`` (block 4, 1 factor), ``peft LoRA r=8`` (alpha 16), ``peft LoRA r=32`` (alpha 64), ``peft OFT``
   (block 32, Cayley-Neumann): stock ``transformers.Trainer`` at ``--lr`` (1e-3: PEFT's 1e-4 is sized for
   5000 steps, not 120);
-* ``fourierft FourierFT n=1500`` and ``fourierft BOFT block 8``: the largest adapters within issue 22's
+* ``fourierft FourierFT n=1500`` and ``fourierft BOFT block 8``: the largest adapters within two
   parameter budgets (20x fewer than LoRA r=32; fewer than LoRA r=8), otherwise at their defaults;
 * ``fourierft FourierFT zero start``: the default FourierFT config with PEFT's ``init_weights=True``.
 
@@ -194,7 +194,7 @@ def adapter_config(name: str):
     return {
         "fourierft FourierFT": lambda: fourierft.FourierFTConfig(**causal),
         "fourierft BOFT": lambda: fourierft.BOFTConfig(**causal),
-        # the largest adapters that keep the issue's parameter budgets: 20x fewer than LoRA r=32, fewer than r=8
+        # the largest adapters within two parameter budgets: 20x fewer than LoRA r=32, fewer than r=8
         "fourierft FourierFT n=1500": lambda: fourierft.FourierFTConfig(n_frequency=1500, **causal),
         "fourierft BOFT block 8": lambda: fourierft.BOFTConfig(boft_block_size=8, **causal),
         # PEFT's other start (init_weights=True: the spectrum starts at zero, the adapter as the identity)

@@ -1,4 +1,4 @@
-"""The long tail of PEFT's behaviour (issue 23): code written against peft 0.21.2, run unchanged on both libraries
+"""The long tail of PEFT's behaviour: code written against peft 0.21.2, run unchanged on both libraries
 through the public API (see ``peft_surface.py``); errors are compared by class and full message."""
 
 from __future__ import annotations

@@ -39,6 +39,11 @@ ROOT = HERE.parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TABLES = HERE / "tables"
 DPI = 110
+#: Type sizes for figures of at most ~11 inches, which the page shows at about 75%: ticks stay legible.
+RC = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labelsize": 11, "ytick.labelsize": 11,
+      "legend.fontsize": 10, "figure.titlesize": 13}
+#: The widest table a page may hold: wider ones hide columns behind a scrollbar at 1280 px.
+MAX_TABLE_COLUMNS = 10
 
 if str(ROOT / "src") not in sys.path:  # works from a checkout without `pip install -e .` too
     sys.path.insert(0, str(ROOT / "src"))
@@ -238,25 +243,36 @@ def _numeric(cell) -> bool:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; columns holding only numbers are right-aligned."""
+    """A Markdown table; columns holding only numbers are right-aligned.
+
+    Raises:
+        ValueError: More than ``MAX_TABLE_COLUMNS`` columns (split the table instead).
+    """
+    if len(header) > MAX_TABLE_COLUMNS:
+        raise ValueError(f"a table of {len(header)} columns is wider than a page shows ({MAX_TABLE_COLUMNS}): "
+                         f"split it ({', '.join(header)})")
     align = ["---:" if all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def describe_run(data: dict) -> str:
+def describe_run(data: dict, hide: tuple = ()) -> str:
+    """The "Run:" line: torch, threads and the settings of the run (``hide``: settings said elsewhere)."""
     settings = data.get("config") or data.get("args") or {}
     meta = data.get("meta") or {}
     parts = []
     torch_version = data.get("torch") or meta.get("torch")
     if torch_version:
         parts.append(f"torch {torch_version}")
-    if meta.get("threads"):
-        parts.append(f"{meta['threads']} threads")
+    threads = meta.get("threads") or settings.get("threads")
+    if threads:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
     if settings.get("quick"):
         parts.append("`--quick` settings (small shapes, few repeats)")
-    shown = {k: v for k, v in settings.items() if k not in ("quick", "out", "methods") and not isinstance(v, (dict, list))}
+    shown = {k: v for k, v in settings.items()
+             if k not in ("quick", "out", "methods", "threads", *hide) and v is not None
+             and not isinstance(v, (dict, list))}
     if shown:
         parts.append(", ".join(f"{k}={v}" for k, v in shown.items()))
     return "Run: " + "; ".join(parts) + "." if parts else ""
@@ -294,8 +310,8 @@ def bench_serving(data: dict) -> str:
         ax.set_ylabel("ms per batch")
         ax.set_title(method)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Serving K adapters from one base model (benchmarks/bench_serving.py)", fontsize=11)
+        ax.legend(fontsize="small")
+    fig.suptitle("Serving K adapters from one base model (benchmarks/bench_serving.py)")
     fig.tight_layout()
     _save(fig, "bench_serving.png")
     table = markdown_table(
@@ -320,48 +336,124 @@ def _pairs(variants: list[str]) -> dict[str, str]:
     return out
 
 
+#: bench_models.py's shapes per model when its rows do not record them (results written before they did).
+MODEL_SHAPES = {"bert": "BERT-base-shaped classifier, random weights: hidden {hidden}, {layers} layers, "
+                        "batch {batch} x {tokens} tokens",
+                "llama": "Llama-shaped causal LM, random weights: hidden {llama_hidden}, {llama_layers} layers, "
+                         "batch {batch} x {tokens} tokens, {new_tokens} tokens generated",
+                "minilm-qv": "all-MiniLM-L6-v2, real weights, batch 32 x 40 tokens (the demo's), adapters on query "
+                             "and value, FourierFT n_frequency=400",
+                "minilm-all": "all-MiniLM-L6-v2, real weights, batch 32 x 40 tokens (the demo's), adapters on every "
+                              "linear layer of the encoder (the demo's FourierFT setting), FourierFT n_frequency=400"}
+MODEL_COLORS = {"frozen": "black", "ours": "tab:blue", "peft": "tab:orange", "lora": "tab:gray"}
+
+
+def _model_kind(variant: str) -> str:
+    return "frozen" if variant == "frozen" else "lora" if "lora" in variant else variant.split("-")[0]
+
+
+def model_shapes(data: dict) -> dict[str, str]:
+    """``model -> what was run`` (size, batch, tokens), from the rows or from bench_models.py's fixed shapes."""
+    args = dict(data.get("args") or {})
+    quick = args.get("quick")
+    args.setdefault("llama_hidden", args.get("hidden") if quick else 1024)
+    args.setdefault("llama_layers", args.get("layers") if quick else 4)
+    out = {}
+    for r in data["rows"]:
+        model = r.get("model", "model")
+        if model in out:
+            continue
+        if r.get("shape"):
+            out[model] = r["shape"]
+            continue
+        template = MODEL_SHAPES.get(model)
+        try:
+            out[model] = template.format(**args) if template else ""
+        except KeyError:
+            out[model] = ""
+    return out
+
+
+def train_spread(r: dict):
+    """A row's timing spread: its median step time minus its fastest timed round (``None`` if not recorded)."""
+    if r.get("train_ms") is None or r.get("train_min_ms") is None:
+        return None
+    return r["train_ms"] - r["train_min_ms"]
+
+
+def over_frozen(r: dict, frozen: dict):
+    """``(ms over the frozen model, noise, significant)``: the noise is the sum of the two rows' spreads, and an
+    overhead no larger than it (negative ones included) is not a result."""
+    if not frozen or r is frozen or r.get("train_ms") is None or frozen.get("train_ms") is None:
+        return None, None, False
+    over = r["train_ms"] - frozen["train_ms"]
+    spreads = [train_spread(r), train_spread(frozen)]
+    noise = sum(spreads) if None not in spreads else None
+    return over, noise, over > 0 and (noise is None or over > noise)
+
+
+def fmt_over(over, noise, significant: bool) -> str:
+    if over is None:
+        return "-"
+    spread = f" ± {fmt(noise)}" if noise is not None else ""
+    return f"{fmt(over)}{spread}" if significant else f"within noise ({fmt(over)}{spread})"
+
+
 def bench_models(data: dict, name: str = "models") -> str:
     rows = data["rows"]
     models = list(dict.fromkeys(r.get("model", "model") for r in rows))
     metrics = [("train_ms", "training step (ms)"), ("eval_ms", "eval forward, unmerged (ms)")]
-    fig, axes = plt.subplots(len(metrics), len(models), figsize=(6 * len(models), 3.6 * len(metrics)), squeeze=False)
-    for col, model in enumerate(models):
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(11, 0.35 * len(rows) + 1.2 * len(models)),
+                             squeeze=False)
+    for row, model in enumerate(models):
         sub = [r for r in rows if r.get("model", "model") == model]
         names = [r["variant"] for r in sub]
-        colors = ["tab:blue" if v.startswith("ours") else "tab:orange" if "lora" not in v else "tab:gray" for v in names]
-        for row, (key, label) in enumerate(metrics):
+        colors = [MODEL_COLORS.get(_model_kind(v), "tab:purple") for v in names]
+        for col, (key, label) in enumerate(metrics):
             ax = axes[row, col]
             values = [r.get(key) or 0.0 for r in sub]
-            ax.barh(names, values, color=colors)
+            if key == "train_ms":  # the spread: from the fastest timed round to the median
+                spreads = [train_spread(r) or 0.0 for r in sub]
+                ax.barh(names, values, color=colors, xerr=[spreads, [0.0] * len(spreads)], capsize=2,
+                        error_kw={"elinewidth": 1.2, "ecolor": "tab:red"})
+            else:
+                ax.barh(names, values, color=colors)
             ax.invert_yaxis()
             ax.set_xlabel(label)
-            ax.set_title(model, fontsize=10)
+            ax.set_title(model)
             ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Whole models (benchmarks/bench_models.py): blue = fourierft, orange = peft, grey = peft LoRA",
-                 fontsize=11)
+            if col:
+                ax.tick_params(labelleft=False)
+    fig.suptitle("Whole models (benchmarks/bench_models.py): blue = fourierft, orange = peft, grey = peft LoRA r=8,\n"
+                 "black = frozen (no adapter); red whiskers: fastest round to median")
     fig.tight_layout()
     _save(fig, f"bench_{name}.png")
-    table_rows = []
+    train_rows, other_rows = [], []
     for model in models:
         sub = {r["variant"]: r for r in rows if r.get("model", "model") == model}
         pairs = _pairs(list(sub))
-        base = sub.get("frozen", {}).get("train_ms")
+        frozen = sub.get("frozen")
+        lora = sub.get("peft-lora-r8")
+        lora_over, _, lora_ok = over_frozen(lora, frozen) if lora else (None, None, False)
         for variant, r in sub.items():
             ref = sub.get(pairs.get(variant, ""))
-            ratio = fmt(r["train_ms"] / ref["train_ms"], 2) if ref and r.get("train_ms") and ref.get("train_ms") else "-"
-            over = r["train_ms"] - base if base and r.get("train_ms") and variant != "frozen" else None
-            over_ref = ref["train_ms"] - base if base and ref and ref.get("train_ms") else None
-            over_ratio = fmt(over / over_ref, 2) if over and over_ref and over > 0 and over_ref > 0 else "-"
-            lora = sub.get("peft-lora-r8")
-            over_lora = lora["train_ms"] - base if base and lora and variant != "frozen" else None
-            vs_lora = fmt(over / over_lora, 2) if over is not None and over_lora and over_lora > 0 else "-"
-            table_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt(over), over_ratio, vs_lora,
-                               fmt(r.get("eval_ms")), fmt(r.get("eval_merged_ms")), fmt(r.get("generate_ms")),
-                               fmt(r.get("saved_MiB"), 2), fmt(r.get("trainable"))])
-    table = markdown_table(["model", "variant", "train ms", "train / peft", "over frozen ms", "over frozen / peft's",
-                            "over frozen / LoRA's", "eval ms", "eval merged ms", "generate ms", "saved for backward MiB", "trainable params"],
-                           table_rows)
-    return f"![model benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\n{table}"
+            ratio = fmt(ref["train_ms"] / r["train_ms"], 2) if ref and r.get("train_ms") and ref.get("train_ms") else "-"
+            over, noise, ok = over_frozen(r, frozen)
+            ref_over, _, ref_ok = over_frozen(ref, frozen) if ref else (None, None, False)
+            vs_ref = fmt(ref_over / over, 2) if ok and ref_ok else "-"
+            vs_lora = fmt(over / lora_over, 2) if ok and lora_ok and r is not lora else "-"
+            train_rows.append([model, variant, fmt(r.get("train_ms")), ratio, fmt_over(over, noise, ok), vs_ref,
+                               vs_lora])
+            other_rows.append([model, variant, fmt(r.get("eval_ms")), fmt(r.get("eval_merged_ms")),
+                               fmt(r.get("generate_ms")), fmt(r.get("saved_MiB"), 2), fmt(r.get("trainable"))])
+    train = markdown_table(["model", "variant", "train ms", "peft / ours", "over frozen ms", "peft's over / ours",
+                            "over / LoRA's over"], train_rows)
+    other = markdown_table(["model", "variant", "eval ms", "eval merged ms", "generate ms", "saved for backward MiB",
+                            "trainable params"], other_rows)
+    shapes = "\n".join(f"* `{m}`: {s}" for m, s in model_shapes(data).items() if s)
+    return (f"![model benchmark](figures/bench_{name}.png)\n\n"
+            f"{describe_run(data, hide=('hidden', 'layers', 'batch', 'tokens', 'new_tokens', 'models'))}\n\n"
+            f"{shapes}\n\nTraining step:\n\n{train}\nInference and memory:\n\n{other}")
 
 
 def _tokens(r: dict):
@@ -373,7 +465,7 @@ SPECTRAL_LABELS = {"frozen": "frozen layer", "ours": "fourierft (chosen route)",
                    "base": "fourierft before the one-op change", "peft_fft": "peft FourierFT",
                    "peft_lora": "peft LoRA r=8"}
 BUTTERFLY_LABELS = {"frozen": "frozen layer", "ours": "fourierft BOFT", "peft_boft": "peft BOFT",
-                    "peft_lora": "peft LoRA r=8"}
+                    "peft_lora": "peft LoRA r=8", "ours_plain": "fourierft BOFT, scale in 3 ops"}
 SPECTRAL_STYLES = {"ours": ("tab:blue", "-"), "ours@spectral": ("tab:blue", ":"), "ours@merged": ("tab:cyan", "--"),
                    "base": ("tab:purple", "-."), "peft_fft": ("tab:orange", "-"), "peft_lora": ("tab:gray", "-")}
 
@@ -387,6 +479,23 @@ def _chosen_path(tokens: int, d: int, n: int, threads: int) -> str:
     return min(costs, key=costs.get)
 
 
+def _op_over(r: dict, frozen: dict):
+    """``(ms over the frozen layer, significant)`` for one layer benchmark row (noise as in :func:`over_frozen`)."""
+    over, _, ok = over_frozen({"train_ms": r["median_ms"], "train_min_ms": r.get("min_ms")},
+                              {"train_ms": frozen["median_ms"], "train_min_ms": frozen.get("min_ms")})
+    return over, ok
+
+
+def overhead_ratio(ours: dict, lora, frozen: dict) -> str:
+    """Our overhead over the frozen layer divided by LoRA's; ``within noise`` where either overhead is."""
+    if lora is None:
+        return "-"
+    (over, ok), (lora_over, lora_ok) = _op_over(ours, frozen), _op_over(lora, frozen)
+    if not ok:
+        return "ours within noise"
+    return fmt(over / lora_over, 2) if lora_ok else "LoRA's within noise"
+
+
 def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
     rows = data["rows"]
     meta = data.get("meta") or {}
@@ -394,9 +503,9 @@ def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
     by = {(r["d"], _tokens(r), r["method"]): r for r in rows}
     widths = list(dict.fromkeys(r["d"] for r in rows))
     methods = [m for m in SPECTRAL_STYLES if any(r["method"] == m for r in rows)]
-    cols = min(3, len(widths))
-    fig, axes = plt.subplots((len(widths) + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((len(widths) + cols - 1) // cols)),
-                             squeeze=False)
+    cols = min(2, len(widths))
+    grid_rows = (len(widths) + cols - 1) // cols
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(5.5 * cols, 3.8 * grid_rows), squeeze=False)
     for ax, d in zip(axes.flat, widths):
         tokens = sorted({_tokens(r) for r in rows if r["d"] == d})
         for method in methods:
@@ -406,45 +515,50 @@ def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
             ax.plot(tokens, ys, style, color=color, marker="o", ms=3, label=SPECTRAL_LABELS.get(method, method))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(f"d = {d}", fontsize=9)
+        ax.set_title(f"d = {d}")
         ax.set_xlabel("tokens per step")
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.flat[len(widths):]:
         ax.axis("off")
     axes.flat[0].set_ylabel("overhead over the frozen layer\n(step time / frozen - 1)")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize="small")
     n = rows[0].get("n")
-    fig.suptitle(f"One FourierFT layer, training step, {threads} thread(s), n={n} "
-                 f"(benchmarks/bench_spectral_op.py)", fontsize=10)
+    fig.suptitle(f"One FourierFT layer, training step, {threads} thread{'s' if threads != 1 else ''}, n={n} "
+                 f"(benchmarks/bench_spectral_op.py)")
     fig.tight_layout()
     _save(fig, f"bench_{name}.png")
-    table_rows = []
+    time_rows, memory_rows = [], []
     with_base = any(r["method"] == "base" for r in rows)
     for d, t in dict.fromkeys((r["d"], _tokens(r)) for r in rows):
         ours, peft, lora, frozen = (by.get((d, t, m)) for m in ("ours", "peft_fft", "peft_lora", "frozen"))
         if ours is None or frozen is None:
             continue
-        lora_over = lora["median_ms"] - frozen["median_ms"] if lora else None
-        ovh = (ours["median_ms"] - frozen["median_ms"]) / lora_over if lora_over and lora_over > 0 else None
-        table_rows.append([
+        time_rows.append([
             d, t, _chosen_path(t, d, n, threads), fmt(frozen["median_ms"], 2), fmt(ours["vs_frozen"], 2),
-            fmt(lora["vs_frozen"], 2) if lora else "-", fmt(peft["vs_frozen"], 2) if peft else "-", fmt(ovh, 2),
-            fmt(ours.get("peft_fft_over_this"), 2), fmt(ours.get("saved_mb"), 1), fmt(peft.get("saved_mb"), 1) if peft else "-",
-            fmt(ours.get("peak_mb"), 1), fmt(peft.get("peak_mb"), 1) if peft else "-", fmt(frozen.get("peak_mb"), 1)]
-            + ([fmt(ours.get("base_over_this"), 2)] if with_base else []))
-    table = markdown_table(
+            fmt(lora["vs_frozen"], 2) if lora else "-", fmt(peft["vs_frozen"], 2) if peft else "-",
+            overhead_ratio(ours, lora, frozen),
+            fmt(ours.get("peft_fft_over_this"), 2)] + ([fmt(ours.get("base_over_this"), 2)] if with_base else []))
+        memory_rows.append([
+            d, t, fmt(ours.get("saved_mb"), 1), fmt(peft.get("saved_mb"), 1) if peft else "-",
+            fmt(ours.get("peak_mb"), 1), fmt(peft.get("peak_mb"), 1) if peft else "-", fmt(frozen.get("peak_mb"), 1)])
+    times = markdown_table(
         ["d", "T", "route", "frozen ms", "ours x frozen", "LoRA x frozen", "peft FFT x frozen", "overhead / LoRA's",
-         "peft FFT / ours", "saved MiB ours", "saved MiB peft", "peak MiB ours", "peak MiB peft", "peak MiB frozen"]
-        + (["before / now"] if with_base else []),
-        table_rows)
-    return (f"![spectral op benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\n{table}")
+         "peft FFT / ours"] + (["before / now"] if with_base else []), time_rows)
+    memory = markdown_table(["d", "T", "saved MiB ours", "saved MiB peft", "peak MiB ours", "peak MiB peft",
+                             "peak MiB frozen"], memory_rows)
+    return (f"![spectral op benchmark](figures/bench_{name}.png)\n\n{describe_run(data)}\n\nTime:\n\n{times}\n"
+            f"Memory:\n\n{memory}")
 
 
 def bench_butterfly_op(data: dict) -> str:
     rows = data["rows"]
     shapes = list(dict.fromkeys((r["d"], _tokens(r)) for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.8 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    cols = min(3, len(shapes))
+    grid_rows = (len(shapes) + cols - 1) // cols
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.8 * cols, 3.4 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
+    for i, (ax, shape) in enumerate(zip(axes.flat, shapes)):
         sub = [r for r in rows if (r["d"], _tokens(r)) == shape]
         for size, color in ((4, "tab:blue"), (8, "tab:green")):
             ours = sorted((r for r in sub if r["method"] == "ours" and r.get("block_size") == size), key=lambda r: r["m"])
@@ -462,12 +576,14 @@ def bench_butterfly_op(data: dict) -> str:
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["m"] for r in sub if r.get("m")}) or [1])
         ax.set_xlabel("butterfly factors m")
-        ax.set_ylabel("ms per training step (median)")
-        ax.set_title(f"d={shape[0]}, T={shape[1]}", fontsize=10)
+        if i % cols == 0:
+            ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"d={shape[0]}, T={shape[1]}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("One BOFT layer, forward + backward (benchmarks/bench_butterfly_op.py)", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small", bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("One BOFT layer, forward + backward (benchmarks/bench_butterfly_op.py)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, "bench_butterfly_op.png")
     table = markdown_table(
         ["d", "T", "method", "b", "m", "median ms", "x frozen", "x peft (m=1)", "saved MiB"],
@@ -510,7 +626,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("fourierft").setLevel(logging.ERROR)  # the demo layers' fan_in_fan_out notes etc.
-    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10})
+    plt.rcParams.update(RC)
     figure_fourierft()
     figure_boft_rotation()
     figure_boft_factors()

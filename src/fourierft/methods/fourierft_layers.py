@@ -38,7 +38,7 @@ from torch import nn
 
 from ..layer import AdapterLayer
 from ..ops import spectral
-from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTModel, _has_hooks
+from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTModel, _has_hooks as has_hooks
 
 
 def _conv_shape(module: nn.Conv2d) -> tuple[int, int, bool]:
@@ -80,10 +80,18 @@ class FourierFTConv2d(FourierFTLayer):
                                       [self.fourierft_scaling[n] for n in adapter_names])
         return delta.reshape(weight.shape)
 
+    def _fuses_base(self, args: tuple, kwargs: dict) -> bool:
+        """Whether one convolution with ``W + dW`` may replace the base call: a plain, frozen Conv2d without
+        hooks or extra arguments, with a float32/float64 weight (as in the linear op, ``dW`` is never rounded
+        into a bf16/fp16 ``W + dW``, which would lose most of it)."""
+        base = self.base_layer
+        return (type(base) is nn.Conv2d and not (args or kwargs or has_hooks(base)) and not base.weight.requires_grad
+                and base.weight.dtype in (torch.float32, torch.float64))
+
     def adapter_forward(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
         delta = self._kernel_delta(adapter_names)
-        if type(base) is nn.Conv2d and not (args or kwargs or _has_hooks(base)) and not base.weight.requires_grad:
+        if self._fuses_base(args, kwargs):
             return base._conv_forward(x, base.weight + delta.to(base.weight.dtype), base.bias)  # one convolution
         result = base(x, *args, **kwargs)
         return result + self.get_base_layer()._conv_forward(x, delta.to(x.dtype), None).to(result.dtype)
@@ -98,7 +106,7 @@ class FourierFTConv2d(FourierFTLayer):
         return out
 
 
-# Cost model of embedding_path (one thread, torch 2.13, this project's 2-core CPU), in ns.
+# Cost model of embedding_path (one thread, torch 2.13, a 2-core AMD EPYC CPU), in ns.
 _NS_ROW_UNIT = 10.0  # per distinct id and (n + d_in * log2(d_in)): phases, scatter, inverse FFT
 _NS_ROW_OVERHEAD = 100_000.0
 _NS_TABLE_POINT = 3.0  # per d_out * d_in * log2(d_out * d_in): ifft2 of the whole table

@@ -16,12 +16,11 @@ whether gradients are needed, whether the base product is fused in, and whether 
 (inside :func:`~fourierft.ops.spectral_op.cached_merged_weights` without gradients). With gradients it
 never depends on a cache, so gradient checkpointing's recomputation takes the route of the first forward.
 
-**CPU**: fitted to ``benchmarks/bench_spectral_op.py``'s forced-route runs on this project's 2-core AMD
-EPYC build machine (torch 2.13, MKL FFTs), one table per thread count and per implementation of the token
+**CPU**: fitted to ``benchmarks/bench_spectral_op.py``'s forced-route runs on a 2-core AMD EPYC
+machine (torch 2.13, MKL FFTs), one table per thread count and per implementation of the token
 maps (the C kernels of :mod:`._native`, or torch's gathers when they are off).
 
-**CUDA and every other device**: written from operation counts and bytes moved, not measured (no GPU was
-available when it was written): FFTs, gathers and elementwise work at memory bandwidth, extra GEMM work at
+**CUDA and every other device**: written from operation counts and bytes moved, not measured on a GPU: FFTs, gathers and elementwise work at memory bandwidth, extra GEMM work at
 the fp32 rate, plus a launch cost per kernel. The constants describe one current data-centre GPU
 (about 2 TB/s, 50 TFLOP/s, 6 us per launch). This rule never builds or loads C code.
 """
