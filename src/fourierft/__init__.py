@@ -36,6 +36,7 @@ from .peft_model import (
     inject_adapter_in_model,
 )
 from .functional import load_peft_weights, prepare_model_for_kbit_training
+from .lora_conversion import convert_to_lora, save_as_lora
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .serialization.state_dict import (
     get_base_model_state_dict,
@@ -89,6 +90,7 @@ __all__ = [
     "TunerModelStatus",
     "adapter_param_groups",
     "cached_merged_weights",
+    "convert_to_lora",
     "explain_routes",
     "get_base_model_state_dict",
     "get_layer_status",
@@ -101,6 +103,7 @@ __all__ = [
     "load_peft_weights",
     "prepare_model_for_hotswap",
     "register_method",
+    "save_as_lora",
     "set_base_model_state_dict",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",

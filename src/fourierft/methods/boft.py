@@ -227,6 +227,10 @@ class _BOFTLayer(AdapterLayer):
         flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype), plan=self.plan(adapter_name))
         return flat.reshape(weight.shape).to(weight.dtype)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: :func:`fourierft.convert_to_lora` converts BOFT Linear and Conv2d layers."""
+        return True
+
     def get_delta_weight(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """PEFT's return value for adapter ``adapter``: the dense rotation ``M`` ``(n, n)`` and the scale ``s``."""
         return butterfly.dense_rotation(self.rotation_blocks(adapter), plan=self.plan(adapter)), self.boft_s[adapter]

@@ -259,6 +259,10 @@ class FourierFTLayer(AdapterLayer):
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         return [self._positions[adapter_name]]
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: :func:`fourierft.convert_to_lora` converts every FourierFT layer type (Conv1D included)."""
+        return True
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense ``(d_out, d_in)`` weight change ``a * Re(ifft2(S))`` of adapter ``adapter``."""
         spectrum = self.fourierft_spectrum[adapter]
