@@ -21,7 +21,7 @@ from fourierft import get_peft_model
 @pytest.mark.parametrize("name", ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                                   "_global_backward_pre_hooks"])
 def test_global_hook_dicts(name):
-    """``methods/fourierft.py::_has_hooks``: the fused node must not skip a globally hooked base layer."""
+    """``layer.py::has_hooks``: the fused node must not skip a globally hooked base layer."""
     assert isinstance(getattr(module_registry, name, None), dict), f"torch.nn.modules.module.{name} changed"
 
 
@@ -43,13 +43,13 @@ def test_module_hook_dicts():
 
 
 def test_fused_path_sees_hooks_through_these_names():
-    from fourierft.methods.fourierft import _has_hooks
+    from fourierft.layer import has_hooks
 
     layer = nn.Linear(2, 2)
-    assert not _has_hooks(layer)
+    assert not has_hooks(layer)
     handle = nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
     try:
-        assert _has_hooks(layer)
+        assert has_hooks(layer)
     finally:
         handle.remove()
 

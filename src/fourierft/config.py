@@ -268,3 +268,11 @@ class TunerConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_tuner_fields(self)
+        self._check_bias_owner()
+
+    def _check_bias_owner(self) -> None:
+        """``"<method>_only"`` must not name another registered method (``bias="boft_only"`` on FourierFT)."""
+        owner = self.bias[: -len("_only")].upper() if self.bias.endswith("_only") else ""
+        if owner and self.PEFT_TYPE and owner != self.PEFT_TYPE and owner in CONFIG_CLASSES:
+            raise ValueError(f"bias={self.bias!r} is another method's option; a {self.PEFT_TYPE} adapter takes "
+                             f"'none', 'all' or '{self.PEFT_TYPE.lower()}_only'")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from typing import Optional, Sequence, Union
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import inject_adapter_in_model
-from .serialization.folders import load_weights_file
+from .serialization.folders import apply_key_mapping, load_weights_file
 from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
@@ -148,22 +147,7 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tensors, _ = load_weights_file(model_id, **hf_hub_download_kwargs)
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    return _remap(tensors, key_mapping) if key_mapping else tensors
-
-
-def _remap(tensors: dict, key_mapping: dict[str, str]) -> dict:
-    out = {}
-    for key, value in tensors.items():
-        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
-        if prefix is None:
-            raise ValueError(f"Cannot apply key_mapping to {key!r}: PEFT keys start with 'base_model.'")
-        rest = key[len(prefix):]
-        for pattern, replacement in key_mapping.items():
-            rest, count = re.subn(pattern, replacement, rest)
-            if count:
-                break
-        out[prefix + rest] = value
-    return out
+    return apply_key_mapping(tensors, key_mapping)
 
 
 # ---------------------------------------------------------------------------------------------- k-bit

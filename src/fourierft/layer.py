@@ -18,11 +18,31 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_registry  # the global hook dicts
 
 from . import quantized
 from .mixed_batch import sample_groups
 
 logger = logging.getLogger(__name__)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose.
+
+    A layer that computes its base product itself (FourierFT's fused routes) first asks this of the base.
+    Private API: torch has no public way to ask whether a module (or the global registry filled by
+    ``register_module_forward_hook`` and friends) holds hooks; these dicts are where ``Module.__call__``
+    itself looks. tests/test_private_api.py fails loudly if they are renamed.
+    """
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           getattr(module, "_backward_pre_hooks", None))
+    shared = (getattr(_module_registry, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+    if any(bool(h) for h in (*own, *shared)):
+        return True
+    # accelerate's hooks (device_map offload, align_devices) replace the instance's forward instead
+    return "forward" in module.__dict__ or hasattr(module, "_hf_hook")
 
 
 class AdapterLayer(nn.Module):

@@ -21,7 +21,7 @@ from .config import PeftConfig, PeftType, _as_peft_type
 from .hotswap import hotswap_adapter as _hotswap_adapter
 from .contract import tuner_class
 from .methods import MODEL_CLASSES  # noqa: F401  (imported for its side effect: the methods register)
-from .serialization.folders import load_config, load_weights_file, save_adapters
+from .serialization.folders import apply_key_mapping, load_config, load_weights_file, save_adapters
 from .serialization.modelcard import write_model_card
 from .serialization.state_dict import (
     FINGERPRINT_KEY,
@@ -319,7 +319,8 @@ class PeftModel(PlansFollowMoves, nn.Module):
         """
         config = copy.deepcopy(load_config(model_id, config, **kwargs))  # the caller's config stays as it is
         config.inference_mode = not is_trainable
-        weights = _read_weights(model_id, config, **kwargs)  # before touching the model
+        _warn_ephemeral_gpu_offload(ephemeral_gpu_offload)
+        weights = _read_weights(model_id, config, key_mapping, **kwargs)  # before touching the model
         target_cls = TASK_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
         flags = [(p, p.requires_grad) for p in model.parameters()]
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
@@ -352,9 +353,10 @@ class PeftModel(PlansFollowMoves, nn.Module):
                 keeps its weights.
             ValueError: The file's config differs from the existing adapter's.
         """
+        _warn_ephemeral_gpu_offload(ephemeral_gpu_offload)
         config = copy.deepcopy(load_config(model_id, kwargs.pop("config", None), **kwargs))
         config.inference_mode = not is_trainable
-        weights = _read_weights(model_id, config, **kwargs)
+        weights = _read_weights(model_id, config, key_mapping, **kwargs)
         if adapter_name in self.peft_config:
             result = self._reload_weights(weights, adapter_name, config, **kwargs)
         else:
@@ -403,9 +405,22 @@ class PeftModel(PlansFollowMoves, nn.Module):
         )
 
 
-def _read_weights(model_id: str, config: PeftConfig, **kwargs) -> tuple[dict, dict]:
-    """Read the weights file and let the method adapt the config to it (e.g. BOFT's factor count)."""
+def _warn_ephemeral_gpu_offload(ephemeral_gpu_offload: bool) -> None:
+    if ephemeral_gpu_offload:
+        warnings.warn("ephemeral_gpu_offload=True is ignored: fourierft loads adapter weights where the model's "
+                      "adapter tensors are and has no temporary GPU offload", UserWarning, stacklevel=3)
+
+
+def _read_weights(model_id: str, config: PeftConfig, key_mapping: Optional[dict] = None,
+                  **kwargs) -> tuple[dict, dict]:
+    """Read the weights file, rename its keys by ``key_mapping`` (PEFT's ``{regex: replacement}``), and let the
+    method adapt the config to it (e.g. BOFT's factor count).
+
+    Renamed keys drop the file's position fingerprint: it hashes the layer names it was saved under."""
     tensors, metadata = load_weights_file(model_id, **kwargs)
+    if key_mapping:
+        tensors = apply_key_mapping(tensors, key_mapping)
+        metadata = {k: v for k, v in metadata.items() if k != FINGERPRINT_KEY}
     tuner_class(config).config_from_weights(config, tensors)
     return tensors, metadata
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Optional
 
 from torch import nn
 
-from ..methods.fourierft import FourierFTLinear
+from ..methods.fourierft import FourierFTLayer
 from ..methods.fourierft_layers import FourierFTEmbedding
 
 #: Relative change of a layer's weight per optimizer step that :func:`spectrum_lr` aims at.
@@ -44,7 +44,7 @@ SPECTRUM_STEP = 0.02
 TOO_SMALL_FACTOR = 10.0
 
 
-def spectrum_lr(layer: FourierFTLinear, adapter_name: str, step: float = SPECTRUM_STEP) -> float:
+def spectrum_lr(layer: FourierFTLayer, adapter_name: str, step: float = SPECTRUM_STEP) -> float:
     """Learning rate that moves ``layer``'s weight by the relative amount ``step`` per Adam step.
 
     Args:
@@ -68,13 +68,13 @@ def spectrum_lr(layer: FourierFTLinear, adapter_name: str, step: float = SPECTRU
     return step * math.sqrt(2.0) * layer.out_features * math.sqrt(layer.in_features) / (scaling * math.sqrt(n))
 
 
-def describe(layer: FourierFTLinear, adapter_name: str) -> str:
+def describe(layer: FourierFTLayer, adapter_name: str) -> str:
     """``"576x576 n=1000 scaling=150"``: what :func:`spectrum_lr` depends on."""
     return (f"{layer.out_features}x{layer.in_features} n={layer.fourierft_n_frequency[adapter_name]} "
             f"scaling={layer.fourierft_scaling[adapter_name]:g}")
 
 
-def spectra(model: nn.Module) -> Iterator[tuple[str, FourierFTLinear, str, nn.Parameter]]:
+def spectra(model: nn.Module) -> Iterator[tuple[str, FourierFTLayer, str, nn.Parameter]]:
     """``(layer name, layer, adapter name, spectrum)`` for every trainable spectrum of a FourierFT layer on a
     ``Linear``, ``Conv1D`` or ``Conv2d`` of ``model``.
 
@@ -82,7 +82,7 @@ def spectra(model: nn.Module) -> Iterator[tuple[str, FourierFTLinear, str, nn.Pa
     ``1/sqrt(d_in)``, so the width rule does not describe them.
     """
     for key, module in model.named_modules():
-        if isinstance(module, FourierFTLinear) and not isinstance(module, FourierFTEmbedding):
+        if isinstance(module, FourierFTLayer) and not isinstance(module, FourierFTEmbedding):
             for adapter_name, spectrum in module.fourierft_spectrum.items():
                 if spectrum.requires_grad:
                     yield key, module, adapter_name, spectrum

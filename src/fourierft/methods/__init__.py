@@ -4,7 +4,7 @@ adding a built-in method is one import line here."""
 from ..contract import MODEL_CLASSES
 from .boft import BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel
 from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTLinear, FourierFTModel, explain_routes
-from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding  # registers them with FourierFTModel
+from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding
 
 __all__ = ["BOFTConfig", "BOFTConv2d", "BOFTLinear", "BOFTModel", "FourierFTConfig", "FourierFTConv2d",
            "FourierFTEmbedding", "FourierFTLayer", "FourierFTLinear", "FourierFTModel", "MODEL_CLASSES",

@@ -36,14 +36,22 @@ from ..tuner import AdapterModel
 logger = logging.getLogger(__name__)
 
 
+class _DefaultBlockSize(int):
+    """``boft_block_size``'s default, 4, told apart from a 4 the caller passed (``is`` a distinct object)."""
+
+
+_DEFAULT_BLOCK_SIZE = _DefaultBlockSize(4)
+
+
 @dataclasses.dataclass
 class BOFTConfig(TunerConfig):
     """Configuration of a BOFT adapter (PEFT's fields and defaults).
 
     Args:
         boft_block_size: Size ``b`` of each orthogonal block; ``n`` must be divisible by it.
-        boft_block_num: Number ``N`` of blocks instead (``n = N * b``). Give one of the two. Passing only
-            ``boft_block_num`` works here (PEFT rejects it because the size defaults to 4).
+        boft_block_num: Number ``N`` of blocks instead (``n = N * b``). Give one of the two: both raise
+            ``ValueError``, as in PEFT. Passing only ``boft_block_num`` works here (PEFT rejects it because
+            the size defaults to 4).
         boft_n_butterfly_factor: Number ``m`` of butterfly factors (1 = block diagonal, as in OFT).
         boft_dropout: Multiplicative dropout: in training, each block of one random factor is replaced
             by the identity with probability ``p`` (PEFT drops ``int(p * N)`` blocks, so nothing when
@@ -53,7 +61,7 @@ class BOFTConfig(TunerConfig):
             draws ``R ~ N(0, 0.1)`` and ``s ~ N(1, 0.1)``.
     """
 
-    boft_block_size: int = 4
+    boft_block_size: int = _DEFAULT_BLOCK_SIZE
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
@@ -65,8 +73,10 @@ class BOFTConfig(TunerConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        given = self.boft_block_size is not _DEFAULT_BLOCK_SIZE
+        self.boft_block_size = int(self.boft_block_size)
         if self.boft_block_size and self.boft_block_num:
-            if self.boft_block_size != 4:
+            if given:
                 raise ValueError(
                     f"Set either boft_block_size or boft_block_num, not both (got {self.boft_block_size} and "
                     f"{self.boft_block_num}); the other is derived from the layer width"

@@ -27,11 +27,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_registry  # the global hook dicts
 
 from ..config import TunerConfig
 from ..contract import register_method
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, has_hooks
 from ..mixed_batch import sample_slots
 from ..plans import SharedPlans
 from ..ops import _native, spectral
@@ -128,24 +127,6 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
 
 
 _FUSABLE = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own or global ones), which skipping the call would lose.
-
-    Private API: torch has no public way to ask whether a module (or the global registry filled by
-    ``register_module_forward_hook`` and friends) holds hooks; these dicts are where ``Module.__call__``
-    itself looks. tests/test_private_api.py fails loudly if they are renamed.
-    """
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-           getattr(module, "_backward_pre_hooks", None))
-    shared = (getattr(_module_registry, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))
-    if any(bool(h) for h in (*own, *shared)):
-        return True
-    # accelerate's hooks (device_map offload, align_devices) replace the instance's forward instead
-    return "forward" in module.__dict__ or hasattr(module, "_hf_hook")
 
 
 PlanKey = tuple  # (d_out, d_in, n, seed, band or None): everything the positions depend on
@@ -319,7 +300,7 @@ class FourierFTLinear(FourierFTLayer):
         """Whether the op may compute the base product itself: a plain, frozen, fully materialised Linear or
         Conv1D (no hooks, e.g. DeepSpeed's or accelerate's; no autocast; no extra arguments)."""
         base = self.base_layer
-        if args or kwargs or type(base) not in _FUSABLE or _has_hooks(base):
+        if args or kwargs or type(base) not in _FUSABLE or has_hooks(base):
             return False
         weight, bias = base.weight, base.bias
         autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
@@ -392,6 +373,9 @@ def explain_routes(model: nn.Module, *args, grad: bool = True, **kwargs) -> list
     return records
 
 
+from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding  # noqa: E402  (they build on FourierFTLayer)
+
+
 class FourierFTModel(AdapterModel):
     """Injects :class:`FourierFTLinear` layers into a model (PEFT's ``FourierFTModel``); ``nn.Conv2d`` and
     ``nn.Embedding`` get the layers of :mod:`fourierft.methods.fourierft_layers`."""
@@ -399,25 +383,15 @@ class FourierFTModel(AdapterModel):
     prefix = "fourierft_"
     layer_cls = FourierFTLinear
     linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-    target_types = linear_types
+    target_types = linear_types + (nn.Conv2d, nn.Embedding)
     default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
-    #: Other base-layer types and the adapter layer class for each (filled by :meth:`register_layer`).
-    extra_layer_classes: dict = {}
-
-    @classmethod
-    def register_layer(cls, base_type: type, layer_class: type[AdapterLayer]) -> None:
-        """Let FourierFT wrap ``base_type`` modules with ``layer_class`` (``"all-linear"`` still means linear)."""
-        cls.extra_layer_classes[base_type] = layer_class
-        if base_type not in cls.target_types:
-            cls.target_types = cls.target_types + (base_type,)
 
     @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        for base_type, layer_class in cls.extra_layer_classes.items():
-            if isinstance(base, base_type):
-                return layer_class
-        return FourierFTLinear
+        if isinstance(base, nn.Conv2d):
+            return FourierFTConv2d
+        return FourierFTEmbedding if isinstance(base, nn.Embedding) else FourierFTLinear
 
 
 # The official GLUE and instruction-tuning scripts train the spectrum at 0.05 to 0.12 (scaling 29 to 300), far

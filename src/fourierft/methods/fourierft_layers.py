@@ -36,9 +36,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..layer import AdapterLayer
+from ..layer import AdapterLayer, has_hooks
 from ..ops import spectral
-from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTModel, _has_hooks as has_hooks
+from .fourierft import FourierFTConfig, FourierFTLayer
 
 
 def _conv_shape(module: nn.Conv2d) -> tuple[int, int, bool]:
@@ -191,6 +191,3 @@ class FourierFTEmbedding(FourierFTLayer):
             out = out.index_add(0, index, self.embedding_delta(x[index], [name]).to(out.dtype))
         return out
 
-
-FourierFTModel.register_layer(nn.Conv2d, FourierFTConv2d)
-FourierFTModel.register_layer(nn.Embedding, FourierFTEmbedding)

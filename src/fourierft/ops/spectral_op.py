@@ -11,8 +11,9 @@ the same for every route:
   (:func:`~fourierft.ops.spectral.spectrum_products`). It saves ``x`` (only if a spectrum needs a gradient),
   the weight the GEMMs used, and the spectra: never a ``T x n`` intermediate.
 
-``W + dW`` is rebuilt on every call unless the caller opened :func:`cached_merged_weights`: inside that scope
-each ``(weight, spectra, scalings)`` builds it once; leaving the scope frees it. Nothing is kept anywhere
+``W + dW`` (route ``"merged"``), or ``dW`` alone (route ``"dense"``), is rebuilt on every call unless the caller
+opened :func:`cached_merged_weights`: inside that scope each ``(weight, spectra, scalings)`` builds it once;
+leaving the scope frees it. Nothing is kept anywhere
 else, and nothing reads a tensor value back to the host.
 """
 
@@ -39,7 +40,7 @@ def cached_merged_weights():
     """Reuse each FourierFT layer's ``W + dW`` within the block; leaving it frees them.
 
     Like ``torch.nn.utils.parametrize.cached()``: inside, a layer that takes the ``"merged"`` route builds
-    ``W + dW`` once and later forwards (gradient-accumulation micro-batches, checkpoint recomputation,
+    ``W + dW`` once (the ``"dense"`` route, ``dW``) and later forwards (gradient-accumulation micro-batches, checkpoint recomputation,
     repeated inference or generation) use it. An entry belongs to the exact tensors and their version
     counters, so an in-place update (an optimizer step, ``load_state_dict``) makes the next forward build a
     new one; writes through ``.data`` bypass version counters, so don't make them inside the block. Without
@@ -61,28 +62,43 @@ def cached_merged_weights():
         _SCOPE.reset(token)
 
 
-def _scope_key(weight, spectra, scalings, transposed) -> tuple | None:
+def _scope_key(kind, weight, spectra, scalings, transposed, dtype) -> tuple | None:
     """Which tensors an entry belongs to (ids, held alive by the entry) and their versions; ``None`` for
     inference tensors, which have no version counter and are never cached."""
-    if any(t.is_inference() for t in (weight, *spectra)):
+    tensors = (*spectra,) if weight is None else (weight, *spectra)
+    if any(t.is_inference() for t in tensors):
         return None
-    return ((id(weight), transposed, tuple(scalings), tuple(id(s) for s in spectra)),
-            (weight._version, *(s._version for s in spectra)))
+    return ((kind, None if weight is None else id(weight), transposed, tuple(scalings), tuple(id(s) for s in spectra),
+             dtype), tuple(t._version for t in tensors))
 
 
-def _merged_weight(weight, weight_plans, spectra, scalings, transposed) -> torch.Tensor:
-    """``W + dW`` oriented ``(d_out, d_in)`` in ``weight``'s dtype, reused inside :func:`cached_merged_weights`
-    while the tensors' versions are unchanged (one entry per layer: a newer version replaces it)."""
+def _scoped(kind, weight, spectra, scalings, transposed, dtype, build) -> torch.Tensor:
+    """``build()`` without gradients, reused inside :func:`cached_merged_weights` while the tensors' versions
+    are unchanged (one entry per layer and kind: a newer version replaces it)."""
     scope = None if torch.compiler.is_compiling() else _SCOPE.get()
-    key = None if scope is None else _scope_key(weight, spectra, scalings, transposed)
+    key = None if scope is None else _scope_key(kind, weight, spectra, scalings, transposed, dtype)
     if key is not None and key[0] in scope and scope[key[0]][0] == key[1]:
         return scope[key[0]][-1]
     with torch.no_grad():
-        merged = delta_weight(spectra, weight_plans, scalings, fft_dtype(weight, *spectra))
-        merged = merged.add_(weight.t() if transposed else weight).to(weight.dtype)
+        value = build()
     if key is not None:
-        scope[key[0]] = (key[1], weight, tuple(spectra), merged)  # holding the tensors keeps their ids unique
-    return merged
+        scope[key[0]] = (key[1], weight, tuple(spectra), value)  # holding the tensors keeps their ids unique
+    return value
+
+
+def _merged_weight(weight, weight_plans, spectra, scalings, transposed) -> torch.Tensor:
+    """``W + dW`` oriented ``(d_out, d_in)`` in ``weight``'s dtype (route ``"merged"``)."""
+    def build():
+        merged = delta_weight(spectra, weight_plans, scalings, fft_dtype(weight, *spectra))
+        return merged.add_(weight.t() if transposed else weight).to(weight.dtype)
+
+    return _scoped("merged", weight, spectra, scalings, transposed, weight.dtype, build)
+
+
+def _delta(weight_plans, spectra, scalings, dtype) -> torch.Tensor:
+    """``dW`` ``(d_out, d_in)`` in ``dtype`` (route ``"dense"``)."""
+    return _scoped("dense", None, spectra, scalings, False, dtype,
+                   lambda: delta_weight(spectra, weight_plans, scalings, dtype))
 
 
 def _coefficients(spectra, scalings, weight, norm, dtype, slots) -> torch.Tensor:
@@ -222,8 +238,8 @@ def fourierft_linear(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Se
         amortised=not grad and scope is not None, per_sample=slots is not None, route=route)
     cdtype = fft_dtype(x, *spectra)
     if chosen == "dense":
+        dw = _delta([p.weight for p in plans], spectra, scalings, cdtype)
         with torch.no_grad():
-            dw = delta_weight(spectra, [p.weight for p in plans], scalings, cdtype)
             return torch.nn.functional.linear(x.to(cdtype), dw).to(x.dtype)
     merged = None
     if chosen == "merged":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -138,3 +139,26 @@ def load_weights_file(model_id: str, subfolder: Optional[str] = None, **kwargs) 
         CheckpointError: The file is unreadable.
     """
     return load_tensors(resolve_file(model_id, WEIGHTS_NAMES, subfolder, **kwargs))
+
+
+def apply_key_mapping(tensors: dict, key_mapping: Optional[dict[str, str]]) -> dict:
+    """PEFT's ``key_mapping``: ``{regex: replacement}`` applied to each key without its ``base_model.model.``
+    (or ``base_model.``) prefix, first pattern that matches wins; ``None`` or ``{}`` changes nothing.
+
+    Raises:
+        ValueError: A key does not start with ``base_model.``.
+    """
+    if not key_mapping:
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"Cannot apply key_mapping to {key!r}: PEFT keys start with 'base_model.'")
+        rest = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            rest, count = re.subn(pattern, replacement, rest)
+            if count:
+                break
+        out[prefix + rest] = value
+    return out

@@ -143,7 +143,9 @@ def get_peft_model_state_dict(
         state_dict: Take values from this dict (as Trainer passes) instead of ``model.state_dict()``.
         adapter_name: Which adapter.
         unwrap_compiled: Look through a ``torch.compile`` wrapper.
-        save_embedding_layers: Accepted for PEFT compatibility; these methods never adapt embeddings.
+        save_embedding_layers: Accepted for PEFT compatibility and ignored: the file holds adapter tensors only,
+            never a copy of the base model's embedding weights (an adapted ``nn.Embedding`` is saved as its
+            ``fourierft_spectrum``, like any other adapted layer).
     """
     if unwrap_compiled:  # torch.compile's wrapper keeps the module as ``_orig_mod``, its only handle to it
         model = getattr(model, "_orig_mod", model)
@@ -276,7 +278,7 @@ def _write(model: nn.Module, writes: list[tuple[str, torch.Tensor]], assign: boo
             owner = model.get_submodule(owner_name) if owner_name else model
             current = getattr(owner, attr)
             if assign or current.device.type == "meta":
-                new = value.to(dtype=current.dtype if current.device.type != "meta" else current.dtype)
+                new = value.to(dtype=current.dtype)
                 if isinstance(current, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=current.requires_grad)
                 setattr(owner, attr, new) if not isinstance(owner, nn.ParameterDict) else owner.__setitem__(attr, new)
