@@ -1,7 +1,8 @@
 """Properties over random shapes and configs (hypothesis), for both methods, at the layer and model level.
 
 * the fast path equals the dense definition (FourierFT: ``x @ (W + dW).T + b`` with ``dW`` from
-  ``get_delta_weight``; BOFT: ``s * (x M W^T) + b`` with ``M = dense_rotation(cayley(R))``), outputs and
+  ``get_delta_weight``; embeddings: ``(W + dW)[ids]`` with ``dW = a Re(ifft2(S))`` written out, square tables
+  included; BOFT: ``s * (x M W^T) + b`` with ``M = dense_rotation(cayley(R))``), outputs and
   gradients;
 * merged equals unmerged, and unmerging gives the base weight back;
 * save then load reproduces every adapter tensor bit for bit, and the outputs;
@@ -41,6 +42,19 @@ def fourierft_cases(draw):
     conv1d = draw(st.booleans())
     lead = draw(st.lists(st.integers(0, 3), min_size=0, max_size=2))
     return d_out, d_in, config, conv1d, lead, draw(st.integers(0, 2**16))
+
+
+@st.composite
+def fourierft_embedding_cases(draw):
+    """Half of the tables square (``V == D``, at least 2x2): there a ``dW`` computed transposed keeps its shape,
+    so only the values tell it apart."""
+    vocab = draw(st.sampled_from([2, 3, 4, 5, 7, 8, 12, 13, 16]))
+    dim = vocab if draw(st.booleans()) else draw(DIMS)
+    n = draw(st.integers(1, vocab * dim))
+    config = dict(n_frequency=n, random_loc_seed=draw(st.integers(0, 2**31)),
+                  scaling=draw(st.sampled_from([1.0, 150.0, -7.5])))
+    ids = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=12))
+    return vocab, dim, config, ids, draw(st.sampled_from(["rows", "table"])), draw(st.integers(0, 2**16))
 
 
 @st.composite
@@ -120,6 +134,38 @@ def test_fourierft_layer_equals_dense_definition(case):
         torch.testing.assert_close(g, w, atol=1e-9 * _magnitude(w), rtol=1e-9)
     with torch.no_grad():  # inference may take the dense route: same numbers
         torch.testing.assert_close(layer(x), dense, atol=1e-10 * scale, rtol=1e-10)
+
+
+def _dense_delta(positions: torch.Tensor, spectrum: torch.Tensor, scaling: float, d_out: int, d_in: int) -> torch.Tensor:
+    """FourierFT's definition, written out: ``a * Re(ifft2(S))`` with ``S[p_i, q_i] = c_i`` on ``(d_out, d_in)``."""
+    S = torch.zeros(d_out, d_in, dtype=torch.complex128)
+    S[positions[0], positions[1]] = spectrum.detach().to(torch.complex128)
+    return scaling * torch.fft.ifft2(S).real
+
+
+@settings(**SETTINGS)
+@given(fourierft_embedding_cases())
+def test_fourierft_embedding_equals_dense_definition(case):
+    """Looked-up rows of ``W + dW`` with ``dW`` on the ``(num_embeddings, embedding_dim)`` table, by both
+    paths (only the looked-up rows, the whole table), also for square tables."""
+    from unittest import mock
+
+    from fourierft.methods import fourierft_layers
+
+    vocab, dim, config, ids, path, seed = case
+    torch.manual_seed(seed)
+    table = nn.Embedding(vocab, dim).to(torch.float64)
+    model = get_peft_model(_model(table), FourierFTConfig(target_modules=["0"], init_weights=False, **config))
+    layer = model.base_model.model[0]
+    positions = layer.indices["default"]
+    assert positions.shape == (2, config["n_frequency"])
+    delta = _dense_delta(positions, layer.fourierft_spectrum["default"], config["scaling"], vocab, dim)
+    x = torch.tensor(ids)
+    with mock.patch.object(fourierft_layers, "embedding_path", return_value=path):
+        y = layer(x)
+    dense = table.weight.detach()[x] + delta[x]
+    torch.testing.assert_close(y, dense, atol=1e-10 * _magnitude(dense), rtol=1e-10)
+    torch.testing.assert_close(layer.get_delta_weight("default"), delta, atol=1e-10 * _magnitude(delta), rtol=1e-10)
 
 
 @settings(**SETTINGS)
