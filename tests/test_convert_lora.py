@@ -271,3 +271,12 @@ def test_layers_support_lora_conversion():
     _, bo = _boft(Mixed, target_modules=["conv"], boft_block_size=3)
     layers = [m for model in (ft, bo) for m in model.modules() if isinstance(m, fourierft.AdapterLayer)]
     assert len(layers) == 4 and all(m.supports_lora_conversion() for m in layers)
+
+
+def test_config_builds_peft_lora_config():
+    _, model = _fourierft(modules_to_save=["head"], task_type="SEQ_CLS")
+    config, _ = fourierft.convert_to_lora(model, 0.5)
+    theirs = config.to_peft()
+    assert isinstance(theirs, peft.LoraConfig) and theirs.rank_pattern == config.rank_pattern
+    assert theirs.task_type == "SEQ_CLS" and "head" in theirs.modules_to_save
+    assert set(config.rank_pattern) == {"a", "b"} and config.rank_pattern == config.alpha_pattern
