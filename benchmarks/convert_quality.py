@@ -75,6 +75,9 @@ def main(argv=None) -> None:
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise SystemExit(f"no adapter in {args.adapter}: run python examples/rotten_tomatoes.py first")
     logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the load report says the new classifier is untrained; the adapter has it
     warnings.filterwarnings("ignore", module="peft")
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     path = demo.model_path()
