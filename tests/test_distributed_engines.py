@@ -36,7 +36,8 @@ COMMON = ["--cpu", "--optimizer", "sgd", "--method", *METHODS, "--out", "out", "
 TOLERANCE = 1e-4  # adapters: rounding of other reduction orders over 12 SGD steps (seen: 3e-5); values O(1)
 OUTPUT_TOLERANCE = 5e-4  # logits O(10): under ZeRO-3 FourierFT runs its spectral route, a plain model W + dW
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install fourierft[deepspeed])")
+                                     reason='deepspeed is not installed (pip install -e ".[deepspeed]" from a clone, '
+                                            'pip install "fourierft[deepspeed]" from an index)')
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 

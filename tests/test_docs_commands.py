@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -96,3 +97,16 @@ def test_method_comparison_reads_its_model_through_build_once(monkeypatch):
     with pytest.raises(Stop):
         mc.load_base()
     assert calls == [(mc.CACHE, mc.dequantise_gguf)]
+
+
+def _docs_build_block(path: pathlib.Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "mkdocs build" in b]
+    assert len(blocks) >= 1, f"{path.name} gives no docs build command"
+    return blocks[-1]
+
+
+def test_readme_and_docs_index_build_the_docs_with_the_same_commands():
+    readme, index = _docs_build_block(ROOT / "README.md"), _docs_build_block(ROOT / "docs" / "index.md")
+    assert readme == index
+    assert readme.startswith("pip install -q torch==2.13.0 && ")  # torch first: the extras keep its build

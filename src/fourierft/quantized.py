@@ -21,14 +21,14 @@ half a quantization step (stated and measured in ``docs/quantized.md``): per row
 is the largest distance between neighbouring code values in units of the block's absmax (nf4: 0.3038,
 fp4: 1/3); double quantization adds the rounding of the absmax itself.
 
-bitsandbytes is an optional dependency (``pip install fourierft[quantized]``). It is imported only when a
+bitsandbytes is an optional dependency (``pip install -e ".[quantized]"`` from a clone,
+``pip install "fourierft[quantized]"`` from a package index). It is imported only when a
 bitsandbytes layer is met; such a layer is recognised by its class's module name, without importing it.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import logging
 import sys
@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 #: bitsandbytes layer classes (by name; subclasses such as ``LinearNF4`` included) and their kind.
 SUPPORTED = {"Linear8bitLt": "int8", "Linear4bit": "4bit"}
 
-INSTALL_HINT = "pip install fourierft[quantized] (or: pip install --no-deps bitsandbytes)"
+INSTALL_HINT = ('pip install -e ".[quantized]" from a clone, pip install "fourierft[quantized]" from a package index '
+                '(or: pip install --no-deps bitsandbytes)')
 
 
 def is_bitsandbytes_module(module: nn.Module) -> bool:
@@ -56,8 +57,9 @@ def quant_kind(module: nn.Module) -> Optional[str]:
     return _kind_of_class(type(module))
 
 
-@functools.lru_cache(maxsize=1024)  # keyed by class, not by model: bounded by the classes a program defines
 def _kind_of_class(cls: type) -> Optional[str]:
+    # Not cached: a walk over a few base classes, run on every forward, and torch.compile traces it as plain
+    # Python (it would skip an lru_cache wrapper, and warn that skipping it may be silently wrong).
     for base in cls.__mro__:
         if base.__module__.split(".")[0] == "bitsandbytes" and base.__name__ in SUPPORTED:
             return SUPPORTED[base.__name__]
