@@ -149,8 +149,8 @@ def delta_operator(layer: AdapterLayer, adapter_name: str):
                                          layer.fourierft_scaling[adapter_name], layer.out_features, layer.in_features)
         if isinstance(layer, _BOFTLayer):  # (W M^T) * s - W in float32, as PEFT; M by the butterfly, never dense
             weight = quantized.dense_weight(layer.get_base_layer())
-            rotated = layer.rotated_weight([adapter_name], weight, dropout=False)
-            delta = rotated - weight.to(rotated.dtype)
+            delta = layer.rotated_weight([adapter_name], weight, dropout=False)
+            delta.sub_(weight)  # in place, promoting a half-precision W: no second d_out x d_in temporary
             return lowrank.DenseDelta(delta.reshape(delta.shape[0], -1))
     raise TypeError(f"{type(layer).__name__} does not support LoRA conversion")
 
