@@ -280,3 +280,15 @@ def test_config_builds_peft_lora_config():
     assert isinstance(theirs, peft.LoraConfig) and theirs.rank_pattern == config.rank_pattern
     assert theirs.task_type == "SEQ_CLS" and "head" in theirs.modules_to_save
     assert set(config.rank_pattern) == {"a", "b"} and config.rank_pattern == config.alpha_pattern
+
+
+@pytest.mark.parametrize("method", ["fourierft", "boft"])
+def test_conversion_leaves_the_model_unchanged(method):
+    _, model = _fourierft() if method == "fourierft" else _boft()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 40)
+    out = model(x)
+    fourierft.convert_to_lora(model, 8, svd="exact")
+    fourierft.convert_to_lora(model, 8, svd="randomized")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), out, atol=0, rtol=0)
