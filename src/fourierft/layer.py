@@ -3,7 +3,7 @@
 :class:`AdapterLayer` wraps a frozen ``base_layer`` and keeps, per adapter name, the method's tensors in
 ``ParameterDict``s named in ``adapter_layer_names`` (these are the trainable, saved tensors). It owns the
 bookkeeping every method shares: active adapters, enable/disable, merge/unmerge, delete, mixed batches. What a
-method subclass supplies (four required hooks, five optional ones) is written down, with the glossary, in
+method subclass supplies (four required hooks, and optional ones with working defaults) is written down, with the glossary, in
 :class:`fourierft.contract.MethodLayer`.
 
 Beside it: :mod:`fourierft.plans` (plans shared between live layers), :mod:`fourierft.mixed_batch` (per-sample
@@ -63,6 +63,9 @@ class AdapterLayer(nn.Module):
         self.sample_adapters: Optional[list[str]] = None
         #: Quantized base weights replaced by a merge, by adapter name (unmerging puts them back exactly).
         self._premerge_weights: dict[str, dict] = {}
+        #: Plain base weights replaced by a merge, by adapter name: the tensor itself, no copy (unmerging puts
+        #: it back, bit for bit, where subtracting dW again would round).
+        self._premerge_tensors: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -157,12 +160,17 @@ class AdapterLayer(nn.Module):
             if not torch.isfinite(weight).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, *,
+              keep_original: bool = True) -> None:
         """Fold adapters into the base weight, in order.
 
         Args:
             safe_merge: First check that the merged weight is finite; if not, nothing is changed.
             adapter_names: Which adapters to merge; default the active ones.
+            keep_original: Keep the weight each merge replaces, so that :meth:`unmerge` restores it bit for
+                bit (TRL merges and unmerges on every weight sync; subtracting dW again would round, and the
+                rounding would add up). It holds one weight per merged adapter until unmerged. ``False``
+                (``merge_and_unload``, which never unmerges) subtracts dW on unmerge instead.
 
         Raises:
             ValueError: ``safe_merge`` found NaN or Inf (the base weight is left untouched).
@@ -173,9 +181,12 @@ class AdapterLayer(nn.Module):
         for name in self._to_merge(adapter_names):
             # a quantized base is de-quantized, merged and re-quantized (see fourierft.quantized); a plain
             # weight is written contiguous: a transposed result would make the merged model unsavable
+            original = base.weight.data
             snapshot = quantized.replace_weight(base, self.merged_weight(name, quantized.dense_weight(base)))
             if snapshot is not None:
                 self._premerge_weights[name] = snapshot
+            elif keep_original:
+                self._premerge_tensors[name] = original
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -192,6 +203,8 @@ class AdapterLayer(nn.Module):
         name = self.merged_adapters[-1]  # popped only once undone: a failed unmerge leaves a consistent state
         if name in self._premerge_weights:
             quantized.restore_weight(base, self._premerge_weights.pop(name))
+        elif name in self._premerge_tensors:
+            base.weight.data = self._premerge_tensors.pop(name)
         else:
             quantized.replace_weight(base, self.unmerged_weight(name, base.weight.data))
         self.merged_adapters.pop()
@@ -250,7 +263,7 @@ class AdapterLayer(nn.Module):
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _move_adapter(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def move_adapter(self, adapter_name: str, *, autocast_adapter_dtype: bool = True) -> None:
         """Put the adapter on the base weight's device and dtype; fp16/bf16 are then upcast to fp32.
 
         The round trip through the base dtype reproduces PEFT's initial values exactly.
@@ -282,6 +295,55 @@ class AdapterLayer(nn.Module):
         Called when an adapter is created and after the model moves (``PeftModel.to``/``cuda``/``cpu``); a
         method with plans builds them in its own ``plan`` lookups otherwise, on first use.
         """
+
+    # ------------------------------------------------------------------ optional hooks: hot-swapping, status
+    #: The layer's ``module_type`` in status reports (PEFT's class name, e.g. ``"boft.Linear"``); ``None``: the
+    #: name its repr starts with.
+    peft_module_type: Optional[str] = None
+
+    def hotswap_values(self, adapter_name: str, key: str, new: Optional[dict[str, torch.Tensor]], new_config,
+                       config) -> dict[str, torch.Tensor]:
+        """Values for adapter ``adapter_name``'s tensors, in their current shapes, that make it compute the new
+        adapter (:func:`fourierft.hotswap_adapter` copies them in).
+
+        Args:
+            adapter_name: The model's adapter being overwritten.
+            key: The layer's name in the model (as ``check_target`` gets it).
+            new: The new adapter's tensors for this layer by attribute name (``{"fourierft_spectrum": c}``), or
+                ``None`` when the new adapter does not target this layer.
+            new_config: The new adapter's config, or ``None`` (then taken to equal ``config``).
+            config: The model's config of ``adapter_name``.
+
+        Default: the new tensors as they are, when every shape matches; an untargeted layer is refused (a
+        method that has an identity adapter returns it instead).
+
+        Raises:
+            ValueError: The new adapter does not fit this layer.
+        """
+        if new is None:
+            raise ValueError(f"the new adapter has no tensors for this {type(self).__name__} layer")
+        current = dict(self.named_adapter_tensors(adapter_name))
+        for attr, value in new.items():
+            if tuple(value.shape) != tuple(current[attr].shape):
+                raise ValueError(f"{attr}: shape {tuple(value.shape)}, the model expects {tuple(current[attr].shape)}")
+        return dict(new)
+
+    def hotswap_padding(self, adapter_name: str, key: str, config):
+        """The config to rebuild adapter ``adapter_name`` with so that it holds every adapter up to ``config``'s
+        size (:func:`fourierft.prepare_model_for_hotswap`), after checking that it can. The rebuilt tensors get
+        the old values in their leading slice, so padding must not change the outputs.
+
+        Args:
+            adapter_name: The adapter to pad.
+            key: The layer's name in the model.
+            config: The padded adapter config (from the tuner's ``hotswap_padded_config``).
+
+        Default: the method has no padding.
+
+        Raises:
+            ValueError: This layer cannot be padded to ``config``.
+        """
+        raise ValueError(f"{type(self).__name__} layers cannot be padded for hot-swapping")
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"

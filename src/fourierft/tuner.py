@@ -165,6 +165,18 @@ class AdapterModel(PlansFollowMoves, nn.Module):
     def config_from_weights(config, tensors: dict) -> None:
         """Adjust a loaded config to the weights file before injection (default: nothing to adjust)."""
 
+    @classmethod
+    def hotswap_padded_config(cls, config, **targets):
+        """A copy of adapter ``config`` grown to ``targets``, :func:`fourierft.prepare_model_for_hotswap`'s
+        keyword arguments (FourierFT: ``target_n_frequency``; BOFT: ``target_n_butterfly_factor``).
+
+        Default: the method has no padding.
+
+        Raises:
+            ValueError: ``targets`` are not this method's, or none is given.
+        """
+        raise ValueError(f"{cls.peft_type} adapters cannot be padded for hot-swapping")
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -345,7 +357,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
                         setattr(parent, attr, new)
                         created.append((parent, attr, module))
                         module = new
-                module._move_adapter(adapter_name, autocast_adapter_dtype)
+                module.move_adapter(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             wrapped = self._wrap_modules_to_save(model, config, adapter_name)
         except BaseException:
             for parent, attr, original in created:
@@ -564,9 +576,9 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         if merged:
             warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally "
                           f"merging {','.join(dict.fromkeys(n for n in pending if n not in merged))}.")
-        self._merge_layers(layers, names, safe_merge, progressbar=False)
+        self._merge_layers(layers, names, safe_merge=safe_merge, progressbar=False, keep_original=True)
 
-    def _merge_layers(self, layers, names, safe_merge: bool, progressbar: bool) -> None:
+    def _merge_layers(self, layers, names, *, safe_merge: bool, progressbar: bool, keep_original: bool) -> None:
         keys = {id(layer): key for key, layer in self.adapter_layers()}
         for layer in layers:  # FSDP1 shards are refused before any weight changes
             check_gatherable(layer.get_base_layer(), keys.get(id(layer)))
@@ -576,10 +588,13 @@ class AdapterModel(PlansFollowMoves, nn.Module):
                     layer.check_merge(names)
         for layer in tqdm(layers, desc="Merging", disable=not progressbar):
             with gathered(layer.parameters(), modify=True):  # ZeRO-3: every rank merges, rank 0's result kept
-                layer.merge(adapter_names=names)
+                layer.merge(adapter_names=names, keep_original=keep_original)
 
-    def unmerge_adapter(self) -> None:
-        """Undo every merge (warns, as PEFT, when nothing is merged)."""
+    def unmerge_adapter(self, force_reshard: bool = False) -> None:
+        """Undo every merge (warns, as PEFT, when nothing is merged).
+
+        ``force_reshard`` (PEFT 0.22: re-shard FSDP2 modules first) is accepted for compatibility and has no
+        effect here."""
         layers = [layer for _, layer in self.adapter_layers()]
         if not any(layer.merged for layer in layers):
             warnings.warn("Already unmerged. Nothing to do.")
@@ -606,7 +621,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} not found.")
         layers = [layer for _, layer in self.adapter_layers()]
-        self._merge_layers(layers, names, safe_merge, progressbar)
+        self._merge_layers(layers, names, safe_merge=safe_merge, progressbar=progressbar, keep_original=False)
         return self._unload()
 
     def unload(self) -> nn.Module:
@@ -626,7 +641,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         for key, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 parent, attr = get_submodule_parent(self.model, key)
-                setattr(parent, attr, module.original_module if use_original else module._active_module())
+                setattr(parent, attr, module.original_module if use_original else module.active_module())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

@@ -1,25 +1,27 @@
 """``AdapterTrainer``: ``transformers.Trainer`` with what a PEFT user gets, for fourierft models.
 
-The stock Trainer recognises only ``peft.PeftModel`` as an adapter model; for anything else it checkpoints
-the full ``state_dict`` into ``model.safetensors`` (it works with fourierft models, see
-:mod:`fourierft.trainer_compat`, but every checkpoint holds the whole base model). ``AdapterTrainer``
-overrides four of Trainer's hooks:
+The stock Trainer (and TRL's trainers, which derive from it) recognise only ``peft.PeftModel`` as an adapter
+model; for anything else they checkpoint the full ``state_dict`` into ``model.safetensors`` (it works with
+fourierft models, see :mod:`fourierft.trainer_compat`, but every checkpoint holds the whole base model).
+:class:`AdapterTrainerMixin` holds what makes a trainer adapter-aware for fourierft models, once, for
+:class:`AdapterTrainer` and for the TRL trainers of :mod:`fourierft.trl`. It overrides six of Trainer's hooks:
 
-* ``_save``: checkpoints and ``save_model`` write the adapters in PEFT's format (``adapter_config.json`` +
-  ``adapter_model.safetensors`` per adapter), the tokenizer and ``training_args.bin``; Trainer adds its own
-  state (optimizer, scheduler, RNG, ``trainer_state.json``) beside them.
+* ``_save`` and ``save_model``: checkpoints and ``save_model`` write the adapters in PEFT's format
+  (``adapter_config.json`` + ``adapter_model.safetensors`` per adapter), the tokenizer and
+  ``training_args.bin``; Trainer adds its own state (optimizer, scheduler, RNG, ``trainer_state.json``)
+  beside them. Under DeepSpeed, ``save_model`` gathers the adapter on every rank and rank 0 writes it.
 * ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
   (``load_best_model_at_end=True``): the adapter files are loaded into the existing adapters, in place, so
   the optimizer keeps pointing at the same tensors.
 * ``create_optimizer``: separate learning rates for the adapter tensors (by default one per FourierFT layer
   width) and for the rest (head, ``modules_to_save``, trainable biases); see
   :func:`~fourierft.integrations.optim.adapter_param_groups`.
+* ``training_step``: one :func:`~fourierft.cached_merged_weights` scope per optimizer step.
 
 Three of them are private Trainer methods: Trainer has no public hook for how a checkpoint is written or read
 back (its callbacks run after the files exist). Any other model, and loading under DeepSpeed/FSDP, go to
 Trainer's own implementation (DeepSpeed resumes from its own ``global_step*`` state in the checkpoint);
-tests/test_private_api.py fails loudly if the three names or their arguments change. Under DeepSpeed,
-``save_model`` (and so every checkpoint) gathers the adapter on every rank and rank 0 writes it.
+tests/test_private_api.py fails loudly if the three names or their arguments change.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..ops.spectral_op import cached_merged_weights
+from ..ops.scope import cached_merged_weights
 from ..peft_model import PeftModel
 from ..serialization.folders import adapter_dir, load_weights_file
 from ..serialization.state_dict import FINGERPRINT_KEY, set_peft_model_state_dict
@@ -81,31 +83,29 @@ def load_adapter_weights(model: PeftModel, folder: str) -> list[str]:
     return loaded
 
 
-class AdapterTrainer(Trainer):
-    """A ``transformers.Trainer`` that checkpoints adapters only and trains them at their own learning rate.
+class AdapterTrainerMixin:
+    """What makes a ``transformers.Trainer`` subclass adapter-aware for fourierft models (see the module's
+    docstring): adapter-only checkpoints, in-place resume, adapter learning rates, the merged-weights scope.
 
-    Use it exactly like ``Trainer``; ``TrainingArguments.learning_rate`` is the learning rate of the head
-    and every other non-adapter tensor, as it would be with full fine-tuning.
+    Put it before the trainer class in the bases: ``class MyTrainer(AdapterTrainerMixin, Trainer)``.
+    :class:`AdapterTrainer` and every trainer of :mod:`fourierft.trl` are built this way.
 
     Args:
-        *args: As ``transformers.Trainer``.
+        *args: As the trainer class it is mixed into.
         adapter_lr: One learning rate for all adapter tensors. Default: each FourierFT layer gets the rate
             its width needs (:func:`~fourierft.integrations.spectrum_lr.spectrum_lr`); other methods their
             entry in :data:`~fourierft.contract.DEFAULT_ADAPTER_LR`, else ``head_lr``.
         head_lr: Learning rate of the other trainable tensors (head, ``modules_to_save``, biases).
             Default: ``args.learning_rate``.
+        **kwargs: As the trainer class it is mixed into.
 
     It installs a :class:`~fourierft.integrations.callbacks.SpectrumLRCallback`, which warns once if a
     FourierFT spectrum's learning rate is far too small for its layer.
-        **kwargs: As ``transformers.Trainer``.
-
-    Example::
-
-        trainer = AdapterTrainer(model=peft_model, args=TrainingArguments("out", learning_rate=1e-3),
-                                 train_dataset=train)   # spectra: a learning rate per layer width
-        trainer.train()                      # checkpoint-N/ hold adapter_model.safetensors + trainer state
-        trainer.train(resume_from_checkpoint=True)
     """
+
+    #: The fourierft model whose transformers model the trainer holds as ``self.model``, where a trainer must
+    #: hold that one (:mod:`fourierft.integrations.trl`); checkpoints are then still the adapters of this model.
+    _adapter_owner: Optional[PeftModel] = None
 
     def __init__(self, *args, adapter_lr: Optional[float] = None, head_lr: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,11 +121,15 @@ class AdapterTrainer(Trainer):
             model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         except TypeError:  # accelerate < 1.2 has no keep_torch_compile
             model = getattr(self.accelerator.unwrap_model(model), "_orig_mod", model)
-        return model if isinstance(model, PeftModel) else None
+        if isinstance(model, PeftModel):
+            return model
+        owner = self._adapter_owner  # a trainer that trains the transformers model inside a fourierft model
+        return owner if owner is not None and model is owner.get_base_model() else None
 
     def training_step(self, model: nn.Module, inputs, *args, **kwargs):
         """Trainer's step, inside one :func:`~fourierft.cached_merged_weights` scope per optimizer step: with
-        gradient accumulation each FourierFT layer on the ``W + dW`` route builds it once for all micro-batches.
+        gradient accumulation each FourierFT layer on the ``W + dW`` route builds it once for all micro-batches,
+        and each BOFT layer computes ``Q = cayley(R)`` once.
         The scope closes (freeing those weights) after the micro-batch that precedes the optimizer step."""
         if self._merged_scope is None:
             self._merged_scope = cached_merged_weights()
@@ -211,3 +215,19 @@ class AdapterTrainer(Trainer):
             return super()._load_best_model()
         logger.info("Loading best adapter from %s (score: %s).", best, self.state.best_metric)
         load_adapter_weights(peft_model, best)
+
+
+class AdapterTrainer(AdapterTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that checkpoints adapters only and trains them at their own learning rate.
+
+    Use it exactly like ``Trainer``; ``TrainingArguments.learning_rate`` is the learning rate of the head
+    and every other non-adapter tensor, as it would be with full fine-tuning. Extra keyword arguments
+    ``adapter_lr`` and ``head_lr``: see :class:`AdapterTrainerMixin`.
+
+    Example::
+
+        trainer = AdapterTrainer(model=peft_model, args=TrainingArguments("out", learning_rate=1e-3),
+                                 train_dataset=train)   # spectra: a learning rate per layer width
+        trainer.train()                      # checkpoint-N/ hold adapter_model.safetensors + trainer state
+        trainer.train(resume_from_checkpoint=True)
+    """
