@@ -292,3 +292,18 @@ def test_conversion_leaves_the_model_unchanged(method):
     fourierft.convert_to_lora(model, 8, svd="randomized")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(x), out, atol=0, rtol=0)
+
+
+def test_signatures_match_peft():
+    import inspect
+
+    for name in ("convert_to_lora", "save_as_lora"):
+        theirs = inspect.signature(getattr(peft, name)).parameters
+        mine = inspect.signature(getattr(fourierft, name)).parameters
+        assert [(p.name, p.default) for p in list(mine.values())[: len(theirs)]] == \
+               [(p.name, p.default) for p in theirs.values()]
+        assert all(p.kind is p.KEYWORD_ONLY for p in list(mine.values())[len(theirs):])  # our additions
+    theirs = inspect.signature(peft.tuners.fourierft.FourierFTLayer.supports_lora_conversion).parameters
+    for cls in (fourierft.FourierFTLayer, fourierft.BOFTLinear):
+        mine = inspect.signature(cls.supports_lora_conversion).parameters
+        assert [(p.name, p.default) for p in mine.values()] == [(p.name, p.default) for p in theirs.values()]
