@@ -248,11 +248,13 @@ def test_merged_adapter_is_refused_and_nothing_written(tmp_path):
 @pytest.mark.parametrize("rank,error,match", [
     (0, ValueError, "positive"), (1.5, ValueError, "between 0 and 1"), (0.0, ValueError, "between 0 and 1"),
     (41, ValueError, "larger than the weight shape"), ("8", TypeError, "int or a float"),
+    ((0.5, "randomized"), ValueError, "needs the exact SVD"), ((8, "fast"), ValueError, "svd must be one of"),
 ])
 def test_bad_ranks_are_refused(rank, error, match):
     _, model = _boft()
+    rank, svd = rank if isinstance(rank, tuple) else (rank, "auto")
     with pytest.raises(error, match=match):
-        fourierft.convert_to_lora(model, rank)
+        fourierft.convert_to_lora(model, rank, svd=svd)
 
 
 def test_bias_and_missing_layers_are_refused():

@@ -45,7 +45,7 @@ from .methods.fourierft import Conv1D, FourierFTLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .ops import lowrank
 from .serialization.folders import atomic_write_dir
-from .serialization.state_dict import PEFT_PREFIX, _named_modules, _tuner_root, get_peft_model_state_dict
+from .serialization.state_dict import PEFT_PREFIX, _named_modules, get_peft_model_state_dict, tuner_root
 from .serialization.tensors import SAFETENSORS_WEIGHTS_NAME, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -208,13 +208,15 @@ def _check_args(rank, svd: str, min_energy: float) -> None:
         raise ValueError(f"rank must be positive, got {rank}")
     if svd not in SVD_ROUTES:
         raise ValueError(f"svd must be one of {SVD_ROUTES}, got {svd!r}")
+    if svd == "randomized" and isinstance(rank, float):
+        raise ValueError("An energy threshold (float rank) needs the exact SVD: use svd='exact' or 'auto'")
     if not 0 <= min_energy <= 1:
         raise ValueError(f"min_energy must be in [0, 1], got {min_energy!r}")
 
 
 def _convertible_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdapterLayer]]:
     """``(file-key module name, layer)`` of every adapter layer holding ``adapter_name``, checked first."""
-    root, prefix = _tuner_root(model)
+    root, prefix = tuner_root(model)
     wrappers = [p for p, m in _named_modules(root) if isinstance(m, ModulesToSaveWrapper)]
     layers, unsupported = [], set()
     for path, module in _named_modules(root):
