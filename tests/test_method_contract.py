@@ -3,7 +3,7 @@ third method registered from outside the package (``tests/toy_method.py``) with 
 
 Shared checks: identity at init (where the method promises it), merged equals unmerged, save then load
 reproduces the outputs (through the files and a fresh model), disabled gives the base output, only adapter
-tensors train; plus registration itself.
+tensors train; plus registration itself, and hot-swapping the toy through its own optional hook.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torch import nn
 
 import toy_method
 from conftest import METHODS, MethodCase, assert_visible, build, make_inputs, model_output
-from fourierft import AdapterLayer, PeftConfig, PeftModel, get_peft_model, register_method
+from fourierft import (AdapterLayer, HotswapError, PeftConfig, PeftModel, get_peft_model, hotswap_adapter,
+                       prepare_model_for_hotswap, register_method)
 from fourierft.contract import DEFAULT_ADAPTER_LR, METHODS as REGISTERED, MethodLayer, MethodTuner
 from fourierft.integrations.optim import resolve_adapter_lr
 
@@ -200,3 +201,31 @@ def test_bad_registrations_are_refused():
                         type("UModel", (toy_method.AdapterModel,), {"prefix": "u_", "layer_cls": unprefixed,
                                                                     "target_types": (nn.Linear,)}))
     assert not {"HALF", "UNPREFIXED"} & set(REGISTERED)
+
+
+def test_toy_method_hot_swaps_through_its_own_hook(tmp_dir):
+    """The toy's ``hotswap_values`` (an optional hook, defined outside the package) decides the swap: a new
+    adapter that targets only ``lin0`` makes ``lin1`` the identity (``s = 1``), which the default rule refuses."""
+    from conftest import MLP
+
+    model = adapted("toyscale", "mlp", seed=0)
+    tensors = [p for _, p in model.named_parameters() if "toyscale_s" in _]
+    torch.manual_seed(1)
+    new = get_peft_model(MLP(), toy_method.ToyScaleConfig(target_modules=["lin0"], init_weights=False))
+    new.save_pretrained(tmp_dir)
+    x = make_inputs("mlp")
+    expected = PeftModel.from_pretrained(build("mlp"), tmp_dir).eval()
+    hotswap_adapter(model, tmp_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(model, "mlp", x), model_output(expected, "mlp", x))
+    assert tensors == [p for _, p in model.named_parameters() if "toyscale_s" in _]  # the same objects, in place
+    torch.testing.assert_close(model.base_model.model.lin1.toyscale_s["default"].detach(), torch.ones(2))
+
+    class NoIdentity(toy_method.ToyScaleLinear):  # without the hook: the default rule refuses an untargeted layer
+        hotswap_values = AdapterLayer.hotswap_values
+
+    model.base_model.model.lin1.__class__ = NoIdentity
+    with pytest.raises(HotswapError, match="lin1: the new adapter has no tensors"):
+        hotswap_adapter(model, tmp_dir)
+    with pytest.raises(HotswapError, match="TOYSCALE adapters cannot be padded"):
+        prepare_model_for_hotswap(model, target_n_frequency=10)

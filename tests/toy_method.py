@@ -51,6 +51,12 @@ class ToyScaleLinear(AdapterLayer):
     def unmerged_weight(self, adapter_name, weight):
         return weight / self.toyscale_s[adapter_name].to(weight.dtype)[:, None]
 
+    def hotswap_values(self, adapter_name, key, new, new_config, config):
+        """Optional hook: any new scale of the same shape; a layer the new adapter leaves out gets ``s = 1``."""
+        if new is None:
+            return {"toyscale_s": torch.ones_like(self.toyscale_s[adapter_name])}
+        return super().hotswap_values(adapter_name, key, new, new_config, config)
+
 
 class ToyScaleModel(AdapterModel):
     prefix = "toyscale_"

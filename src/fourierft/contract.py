@@ -71,7 +71,12 @@ class MethodLayer(Protocol):
     * ``check_merge``: extra checks before a safe merge (default: the merged weight is finite).
     * ``prepare_plans``: build the adapters' plans on their device now (called after an adapter is created
       and after ``PeftModel.to``/``cuda``/``cpu``), so that a ``torch.compile``'d forward only looks them up.
-    * ``_move_adapter``: put a new adapter on the base weight's device and dtype.
+    * ``move_adapter``: put a new adapter on the base weight's device and dtype.
+    * ``hotswap_values``: the values of an adapter's tensors, in their current shapes, that make it compute
+      another adapter (:func:`~fourierft.hotswap_adapter`); default: same shapes only, no identity fill.
+    * ``hotswap_padding``: check that a layer can be padded to a larger adapter config and return the config
+      to rebuild it with (:func:`~fourierft.prepare_model_for_hotswap`); default: no padding.
+    * ``peft_module_type``: the layer's ``module_type`` in status reports (default: its repr name).
     """
 
     adapter_layer_names: tuple[str, ...]
@@ -98,6 +103,13 @@ class MethodLayer(Protocol):
 
     def prepare_plans(self) -> None: ...
 
+    def move_adapter(self, adapter_name: str, *, autocast_adapter_dtype: bool = True) -> None: ...
+
+    def hotswap_values(self, adapter_name: str, key: str, new: Optional[dict], new_config: Any, config: Any
+                       ) -> dict[str, torch.Tensor]: ...
+
+    def hotswap_padding(self, adapter_name: str, key: str, config: Any) -> Any: ...
+
 
 @runtime_checkable
 class MethodTuner(Protocol):
@@ -110,6 +122,8 @@ class MethodTuner(Protocol):
     * ``layer_class_for``: the layer class for one module, when there are several (optional).
     * ``config_from_weights``: adjust the model's copy of a loaded config to the weights file before
       injection, e.g. BOFT's factor count (optional).
+    * ``hotswap_padded_config``: the adapter config grown to :func:`~fourierft.prepare_model_for_hotswap`'s
+      targets (optional; default: the method has no padding).
     """
 
     peft_type: ClassVar[str]
@@ -122,6 +136,9 @@ class MethodTuner(Protocol):
 
     @staticmethod
     def config_from_weights(config: Any, tensors: dict) -> None: ...
+
+    @classmethod
+    def hotswap_padded_config(cls, config: Any, **targets: Any) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,25 +6,25 @@ guards on changes, so the compiled graph keeps running, now with the new weights
 before the first copy: a swap that cannot be done raises :class:`HotswapError` and leaves the model as it
 was.
 
-What can be swapped in, per layer (the model's adapter defines the geometry):
+What can be swapped in is the method's rule, per layer (the model's adapter defines the geometry): each
+adapter layer class says, in :meth:`~fourierft.layer.AdapterLayer.hotswap_values`, which values of its own
+tensors make it compute the new adapter, and refuses (``ValueError``) what does not fit. This module only
+finds the layers, matches file keys to them, checks what every method shares (type, bias, the adapter's
+other tensors) and copies. The built-in rules:
 
-* **FourierFT**: the new adapter's frequency positions must be the first ``n'`` of the model's ``n``
-  (``n' <= n``). Positions are ``randperm(d_out * d_in, seed)[:n]``, and the first ``n'`` entries of one
-  seeded permutation do not depend on how many are kept: an adapter with ``n'`` coefficients *is* the
-  adapter with ``n`` coefficients whose last ``n - n'`` are zero (same seed, same shape). So a smaller
-  adapter with the same ``random_loc_seed`` and ``frequency_band`` is zero-padded (the band draw keeps the
-  top ``n`` of one seeded ordering, nested in the same way; the tests check both draws). A different ``scaling`` is folded into the coefficients (``dW`` is linear in ``c``:
-  ``a' Re(ifft2(S(c))) = a Re(ifft2(S(c a'/a)))``), because the layer's scaling is a Python float the
-  compiled graph is specialised on: changing it would recompile.
-* **BOFT**: the same blocks (``N`` blocks of size ``b``) and at most as many butterfly factors ``m' <= m``.
-  Missing factors are filled with ``R = 0``, the identity rotation: factor ``i``'s permutation depends only on
-  ``(n, N, b, i)``, never on ``m``, so ``B_{m-1} \cdots B_{m'} B_{m'-1} \cdots B_0`` with identity ``B``'s
-  above ``m'`` is the ``m'``-factor rotation.
+* **FourierFT** (:meth:`~fourierft.methods.fourierft.FourierFTLayer.hotswap_values`): the same seed and band
+  and at most as many coefficients (``n' <= n``): the first ``n'`` seeded positions are nested in the
+  model's ``n``, so a smaller adapter is zero-padded. A different ``scaling`` is folded into the coefficients,
+  because the layer's scaling is a Python float the compiled graph is specialised on.
+* **BOFT** (``_BOFTLayer.hotswap_values`` in :mod:`fourierft.methods.boft`): the same blocks and at most as
+  many butterfly factors (``m' <= m``); missing factors are ``R = 0``, the identity rotation.
 * **Targets**: the new adapter may target a subset of the model's adapter layers (the others become the
-  identity: FourierFT ``c = 0``, BOFT ``R = 0, s = 1``), never a layer the model's adapter does not have.
+  identity, where the method has one: FourierFT ``c = 0``, BOFT ``R = 0, s = 1``), never a layer the model's
+  adapter does not have.
 
 :func:`prepare_model_for_hotswap` makes room before compiling: it pads the model's adapter to a larger
-``n_frequency`` or ``boft_n_butterfly_factor`` without changing its outputs, so that every adapter up to
+size (FourierFT's ``n_frequency``, BOFT's ``boft_n_butterfly_factor``: the tuner's ``hotswap_padded_config``
+and the layers' ``hotswap_padding``) without changing its outputs, so that every adapter up to
 that size can later be swapped in.
 
 The model's ``peft_config`` entry is not changed by a swap: it still describes the tensors (the padded
@@ -34,7 +34,6 @@ outputs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Mapping, Optional, Union
@@ -43,10 +42,8 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .contract import legacy_ignored_suffixes
+from .contract import legacy_ignored_suffixes, tuner_class, type_string
 from .layer import AdapterLayer
-from .methods.boft import BOFTConfig, _BOFTLayer
-from .methods.fourierft import FourierFTConfig, FourierFTLayer
 from .partitioned import PartitionedError, gathered, is_partitioned
 from .serialization import state_dict as ckpt
 from .serialization.folders import load_config, load_weights_file
@@ -67,7 +64,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, str, AdapterLayer]]:
     """``(root-relative path, file-key path, layer)`` of every adapter layer holding ``adapter_name``."""
-    root, prefix = ckpt._tuner_root(model)
+    root, prefix = ckpt.tuner_root(model)
     return [(path, prefix + path, m) for path, m in root.named_modules()
             if isinstance(m, AdapterLayer) and adapter_name in m.adapter_names()]
 
@@ -93,7 +90,7 @@ def _read(path_or_state_dict, config: Optional[PeftConfig], **kwargs) -> tuple[d
 
 
 def _type_name(config: PeftConfig) -> str:
-    return str(getattr(config.peft_type, "value", config.peft_type))
+    return str(type_string(config.peft_type))
 
 
 def _check_configs(mine: PeftConfig, new: Optional[PeftConfig]) -> None:
@@ -105,89 +102,13 @@ def _check_configs(mine: PeftConfig, new: Optional[PeftConfig]) -> None:
         raise HotswapError(f"bias differs: the model's adapter has bias={mine.bias!r}, the new one {new.bias!r}")
 
 
-# ---------------------------------------------------------------------------------------------- per method
-def _band(config: FourierFTConfig):
-    return tuple(config.frequency_band) if config.frequency_band is not None else None
-
-
-def _fourierft_values(layer: FourierFTLayer, name: str, path: str, new: Optional[dict],
-                      config: Optional[FourierFTConfig], mine: FourierFTConfig) -> dict[str, torch.Tensor]:
-    """The model-shaped spectrum holding the new adapter (zero-padded, scaling folded in).
-
-    Same seed and band means nested positions (the first ``n'`` of the model's ``n``): both draws keep a
-    prefix of one seeded order, which ``tests/test_hotswap.py`` checks against the drawing code; so nothing
-    is redrawn here."""
-    current = layer.fourierft_spectrum[name]
-    n = current.shape[0]
-    if new is None:
-        return {"fourierft_spectrum": torch.zeros_like(current)}
-    c = new["fourierft_spectrum"]
-    if c.dim() != 1:
-        raise HotswapError(f"{path}: fourierft_spectrum must be 1-D, got shape {tuple(c.shape)}")
-    config = config or mine
-    n_new, scaling, new_scaling = c.shape[0], float(mine.scaling), float(config.scaling)
-    if config is not mine and config.n_frequency_for(path) != n_new:
-        raise HotswapError(f"{path}: the new adapter's config gives n_frequency={config.n_frequency_for(path)} "
-                           f"but its fourierft_spectrum holds {n_new} coefficients")
-    if n_new > n:
-        raise HotswapError(
-            f"{path}: the new adapter has n_frequency={n_new}, the model's adapter {name!r} only {n}; call "
-            f"prepare_model_for_hotswap(model, target_n_frequency={n_new}) before compiling"
-        )
-    if (config.random_loc_seed, _band(config)) != (mine.random_loc_seed, _band(mine)):
-        raise HotswapError(
-            f"{path}: the new adapter's frequency positions (random_loc_seed={config.random_loc_seed}, "
-            f"frequency_band={config.frequency_band}) are not the model's (random_loc_seed={mine.random_loc_seed}, "
-            f"frequency_band={mine.frequency_band}); FourierFT adapters swap only with the same seed and band"
-        )
-    if scaling == 0 and new_scaling != 0:
-        raise HotswapError(f"{path}: the model's adapter has scaling=0, which no coefficients can rescale to "
-                           f"scaling={new_scaling}")
-    value = torch.zeros(n, dtype=torch.float64)
-    ratio = 1.0 if new_scaling == scaling else new_scaling / scaling
-    value[:n_new] = c.detach().to(torch.float64) * ratio
-    return {"fourierft_spectrum": value}
-
-
-def _boft_values(layer: _BOFTLayer, name: str, path: str, new: Optional[dict],
-                 config: Optional[BOFTConfig], mine: BOFTConfig) -> dict[str, torch.Tensor]:
-    """The model-shaped ``boft_R`` (extra factors = identity) and ``boft_s`` holding the new adapter."""
-    R, s = layer.boft_R[name], layer.boft_s[name]
-    if new is None:
-        return {"boft_R": torch.zeros_like(R), "boft_s": torch.ones_like(s)}
-    new_R, new_s = new["boft_R"], new["boft_s"]
-    m, num, size, _ = R.shape
-    if new_R.dim() != 4 or tuple(new_R.shape[1:]) != (num, size, size):
-        raise HotswapError(
-            f"{path}: the new boft_R has shape {tuple(new_R.shape)}, the model's adapter {name!r} has blocks "
-            f"(m, N, b, b) = {tuple(R.shape)}; BOFT adapters can only be swapped with the same blocks (N={num}, b={size})"
-        )
-    if new_R.shape[0] > m:
-        raise HotswapError(
-            f"{path}: the new adapter has {new_R.shape[0]} butterfly factors, the model's adapter {name!r} only "
-            f"{m}; call prepare_model_for_hotswap(model, target_n_butterfly_factor={new_R.shape[0]}) before compiling"
-        )
-    if tuple(new_s.shape) != tuple(s.shape):
-        raise HotswapError(f"{path}: the new boft_s has shape {tuple(new_s.shape)}, the model expects {tuple(s.shape)}")
-    padded = torch.zeros(R.shape, dtype=new_R.dtype)
-    padded[: new_R.shape[0]] = new_R.detach()
-    return {"boft_R": padded, "boft_s": new_s.detach()}
-
-
-_RULES = ((FourierFTLayer, _fourierft_values), (_BOFTLayer, _boft_values))
-
-
+# ---------------------------------------------------------------------------------------------- per layer
 def _layer_values(layer: AdapterLayer, name: str, path: str, new: Optional[dict], config, mine) -> dict:
-    for cls, rule in _RULES:
-        if isinstance(layer, cls):
-            return rule(layer, name, path, new, config, mine)
-    params = dict(layer.named_adapter_tensors(name))  # another method: same shapes only, no identity fill
-    if new is None:
-        raise HotswapError(f"{path}: the new adapter has no tensors for this {type(layer).__name__} layer")
-    for attr, value in new.items():
-        if tuple(value.shape) != tuple(params[attr].shape):
-            raise HotswapError(f"{path}.{attr}: shape {tuple(value.shape)}, the model expects {tuple(params[attr].shape)}")
-    return new
+    """The method's values for one layer (:meth:`~fourierft.layer.AdapterLayer.hotswap_values`)."""
+    try:
+        return layer.hotswap_values(name, path, new, config, mine)
+    except ValueError as err:
+        raise HotswapError(f"{path}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -200,8 +121,8 @@ def _plan(model: nn.Module, tensors: dict, adapter_name: str, config: Optional[P
     merged = [p for p, _, layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise HotswapError(f"Adapter {adapter_name!r} is merged into {merged[0]}; unmerge it before hot-swapping")
-    _, prefix = ckpt._tuner_root(model)
-    sd = ckpt._normalise_prefix(tensors, prefix)
+    _, prefix = ckpt.tuner_root(model)
+    sd = ckpt.normalise_prefix(tensors, prefix)
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise HotswapError(f"These entries are not tensors: {bad[:5]}")
@@ -325,23 +246,23 @@ def hotswap_adapter(model: nn.Module, path_or_state_dict: Union[str, os.PathLike
     logger.info("Hot-swapped adapter %r (%d tensors)", adapter_name, len(plan))
 
 
-def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *,
-                              target_n_frequency: Optional[int] = None,
-                              target_n_butterfly_factor: Optional[int] = None) -> None:
+def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", **targets) -> None:
     """Pad adapter ``adapter_name`` so that larger adapters can be hot-swapped in later; call before compiling.
 
     The outputs do not change: FourierFT gets zero coefficients at the next positions of its seeded
     permutation (the first ``n`` positions stay where they are), BOFT gets identity factors (``R = 0``)
     after its own. The adapter's ``peft_config`` entry is replaced by a copy with the padded size, so the
     model still saves and reloads consistently. Tensors that grow are new ``Parameter`` objects (hence
-    "before compiling", and before building an optimizer); the others are kept.
+    "before compiling", and before building an optimizer); the others are kept. Each method says what its
+    targets mean (its tuner's ``hotswap_padded_config`` and its layers' ``hotswap_padding``).
 
     Args:
         model: A :class:`~fourierft.PeftModel` or injected model (not a ``torch.compile`` wrapper).
         adapter_name: The adapter to pad.
-        target_n_frequency: FourierFT: every layer's ``n_frequency`` becomes this (``>=`` its current one).
-        target_n_butterfly_factor: BOFT: every layer's number of butterfly factors becomes this (``>=`` its
-            current one; the block geometry must allow it: ``b`` even, ``N`` divisible by ``2**(m-1)``).
+        **targets: The method's sizes to pad to. FourierFT: ``target_n_frequency``, every layer's
+            ``n_frequency`` becomes this (``>=`` its current one). BOFT: ``target_n_butterfly_factor``, every
+            layer's number of butterfly factors becomes this (``>=`` its current one; the block geometry must
+            allow it: ``b`` even, ``N`` divisible by ``2**(m-1)``). ``None`` values are left out.
 
     Raises:
         HotswapError: Compiled model, merged adapter, a target smaller than a layer's current size, or a
@@ -354,60 +275,33 @@ def prepare_model_for_hotswap(model: nn.Module, adapter_name: str = "default", *
         raise PartitionedError("prepare_model_for_hotswap replaces parameters, which DeepSpeed ZeRO-3 has partitioned: "
                                "call it before deepspeed.initialize / Trainer / accelerator.prepare")
     config = _model_config(model, adapter_name)
-    new_config = copy.deepcopy(config)
-    if isinstance(config, FourierFTConfig) and target_n_frequency is not None:
-        new_config.n_frequency, new_config.n_frequency_pattern = target_n_frequency, {}
-    elif isinstance(config, BOFTConfig) and target_n_butterfly_factor is not None:
-        new_config.boft_n_butterfly_factor = target_n_butterfly_factor
-    else:
-        raise HotswapError(f"Adapter {adapter_name!r} is {_type_name(config)}: give target_n_frequency (FourierFT) or "
-                           "target_n_butterfly_factor (BOFT)")
+    targets = {k: v for k, v in targets.items() if v is not None}
+    try:
+        new_config = tuner_class(config).hotswap_padded_config(config, **targets)
+    except (TypeError, ValueError) as err:
+        raise HotswapError(f"Adapter {adapter_name!r} ({_type_name(config)}): {err}") from err
     layers = _layers(model, adapter_name)
-    for path, _, layer in layers:  # validate everything first
-        _check_padding(layer, adapter_name, path, new_config)
-    for path, _, layer in layers:
-        _pad_layer(layer, adapter_name, path, new_config)
+    rebuild = [_check_padding(layer, adapter_name, path, new_config) for path, _, layer in layers]  # all first
+    for (path, _, layer), layer_config in zip(layers, rebuild):
+        _pad_layer(layer, adapter_name, path, layer_config)
     model.peft_config[adapter_name] = new_config
     logger.info("Padded adapter %r for hot-swapping (%d layers)", adapter_name, len(layers))
 
 
-def _check_padding(layer: AdapterLayer, name: str, path: str, config) -> None:
+def _check_padding(layer: AdapterLayer, name: str, path: str, config) -> PeftConfig:
+    """The config to rebuild the layer with (:meth:`~fourierft.layer.AdapterLayer.hotswap_padding`)."""
     if name in layer.merged_adapters:
         raise HotswapError(f"Adapter {name!r} is merged into {path}; unmerge it first")
-    if isinstance(layer, FourierFTLayer):  # the positions stay nested: see _fourierft_values
-        n, target = layer.fourierft_spectrum[name].shape[0], config.n_frequency
-        if not isinstance(target, int) or isinstance(target, bool) or target < n:
-            raise HotswapError(f"{path}: target_n_frequency={target!r} must be an int >= its n_frequency {n}")
-        try:
-            layer.check_target(layer, config, path)
-        except ValueError as err:
-            raise HotswapError(f"{path}: {err}") from err
-    elif isinstance(layer, _BOFTLayer):
-        m, target = layer.boft_R[name].shape[0], config.boft_n_butterfly_factor
-        if not isinstance(target, int) or isinstance(target, bool) or target < m:
-            raise HotswapError(f"{path}: target_n_butterfly_factor={target!r} must be an int >= its {m} factors")
-        _, num, size, _ = layer.boft_R[name].shape
-        try:
-            layer.check_target(layer, _same_blocks(config, size), path)
-        except ValueError as err:
-            raise HotswapError(f"{path}: cannot use {target} butterfly factors with {num} blocks of size {size}: {err}") from err
-    else:
-        raise HotswapError(f"{path}: {type(layer).__name__} layers cannot be padded for hot-swapping")
-
-
-def _same_blocks(config: BOFTConfig, size: int) -> BOFTConfig:
-    """The config with the layer's block size (the model's config may give a block number instead)."""
-    config = copy.copy(config)
-    config.boft_block_size, config.boft_block_num = size, 0
-    return config
+    try:
+        return layer.hotswap_padding(name, path, config)
+    except ValueError as err:
+        raise HotswapError(f"{path}: {err}") from err
 
 
 def _pad_layer(layer: AdapterLayer, name: str, path: str, config) -> None:
     """Rebuild the adapter at the padded size through the method's own ``update_layer`` (so every derived
     field follows), then put the old values back in the leading slice of each tensor."""
     old = dict(layer.named_adapter_tensors(name))
-    if isinstance(layer, _BOFTLayer):
-        config = _same_blocks(config, old["boft_R"].shape[2])
     with torch.random.fork_rng(devices=[]):  # update_layer draws initial values: keep the user's RNG stream
         layer.update_layer(name, config, key=path)
     for attr, current in old.items():

@@ -44,9 +44,11 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._active_module().weight
+        return self.active_module().weight
 
-    def _active_module(self) -> nn.Module:
+    def active_module(self) -> nn.Module:
+        """The module the wrapper runs now: the active adapter's copy, else (disabled, or no copy for the
+        active adapter) the original module."""
         if self._disable_adapters or self._active_adapter not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[self._active_adapter]
@@ -101,7 +103,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self.sample_adapters is None or self._disable_adapters or not args:
-            return self._active_module()(*args, **kwargs)
+            return self.active_module()(*args, **kwargs)
         x = args[0]
         groups = sample_groups(self.sample_adapters, x.shape[0], list(self.modules_to_save.keys()), x.device)
         out = self.original_module(*args, **kwargs)
@@ -116,4 +118,4 @@ class ModulesToSaveWrapper(nn.Module):
         except AttributeError:
             if name in ("original_module", "modules_to_save", "_active_adapter", "_disable_adapters"):
                 raise
-            return getattr(self._active_module(), name)
+            return getattr(self.active_module(), name)

@@ -1,8 +1,8 @@
 """Adapter status reports with PEFT's dataclasses: :func:`get_layer_status` and :func:`get_model_status`.
 
 Values follow PEFT's rules (``"irregular"`` where layers disagree); ``module_type`` is the layer's repr
-name in PEFT's spelling, e.g. ``fourierft.FourierFTLinear`` and ``boft.Linear`` (PEFT's BOFT classes are
-``boft.Linear`` / ``boft.Conv2d`` where ours are ``BOFTLinear`` / ``BOFTConv2d``).
+name, or the PEFT class name its method gives it (the layer class's ``peft_module_type``, e.g. BOFT's
+``boft.Linear`` for ``BOFTLinear``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from .tuner import AdapterModel
 __all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status"]
 
 Irregular = Literal["irregular"]
-#: Layer repr names whose PEFT class is named differently.
-_PEFT_MODULE_TYPES = {"boft.BOFTLinear": "boft.Linear", "boft.BOFTConv2d": "boft.Conv2d"}
 
 
 @dataclass
@@ -84,7 +82,7 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
     backend = getattr(module, "quantization_backend", None)
     return TunerLayerStatus(
         name=name,
-        module_type=_PEFT_MODULE_TYPES.get(repr(module).partition("(")[0], repr(module).partition("(")[0]),
+        module_type=getattr(module, "peft_module_type", None) or repr(module).partition("(")[0],
         enabled=enabled,
         active_adapters=active,
         merged_adapters=merged,

@@ -142,7 +142,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None
     for key, module in list(model.named_modules()):
         if key and isinstance(module, ModulesToSaveWrapper):
             parent, attr = get_submodule_parent(model, key)
-            setattr(parent, attr, module._active_module())
+            setattr(parent, attr, module.active_module())
     model.peft_config = {}
     return model
 

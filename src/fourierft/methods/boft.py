@@ -245,12 +245,53 @@ class _BOFTLayer(AdapterLayer):
         """PEFT's return value for adapter ``adapter``: the dense rotation ``M`` ``(n, n)`` and the scale ``s``."""
         return butterfly.dense_rotation(self.rotation_blocks(adapter), plan=self.plan(adapter)), self.boft_s[adapter]
 
+    # ------------------------------------------------------------------ hot-swapping
+    def hotswap_values(self, adapter_name: str, key: str, new, new_config, config) -> dict[str, torch.Tensor]:
+        """The model-shaped ``boft_R`` and ``boft_s`` holding the new adapter: same blocks (``N`` of size
+        ``b``) and at most as many butterfly factors ``m' <= m``. Missing factors are ``R = 0``, the identity
+        rotation: factor ``i``'s permutation depends only on ``(n, N, b, i)``, never on ``m``, so identity
+        factors above ``m'`` leave the ``m'``-factor rotation. An untargeted layer gets ``R = 0, s = 1``."""
+        R, s = self.boft_R[adapter_name], self.boft_s[adapter_name]
+        if new is None:
+            return {"boft_R": torch.zeros_like(R), "boft_s": torch.ones_like(s)}
+        new_R, new_s = new["boft_R"], new["boft_s"]
+        m, num, size, _ = R.shape
+        if new_R.dim() != 4 or tuple(new_R.shape[1:]) != (num, size, size):
+            raise ValueError(f"the new boft_R has shape {tuple(new_R.shape)}, the model's adapter {adapter_name!r} "
+                             f"has blocks (m, N, b, b) = {tuple(R.shape)}; BOFT adapters can only be swapped with the "
+                             f"same blocks (N={num}, b={size})")
+        if new_R.shape[0] > m:
+            raise ValueError(f"the new adapter has {new_R.shape[0]} butterfly factors, the model's adapter "
+                             f"{adapter_name!r} only {m}; call prepare_model_for_hotswap(model, "
+                             f"target_n_butterfly_factor={new_R.shape[0]}) before compiling")
+        if tuple(new_s.shape) != tuple(s.shape):
+            raise ValueError(f"the new boft_s has shape {tuple(new_s.shape)}, the model expects {tuple(s.shape)}")
+        padded = torch.zeros(R.shape, dtype=new_R.dtype)
+        padded[: new_R.shape[0]] = new_R.detach()
+        return {"boft_R": padded, "boft_s": new_s.detach()}
+
+    def hotswap_padding(self, adapter_name: str, key: str, config: BOFTConfig) -> BOFTConfig:
+        """Identity factors (``R = 0``) after the layer's own, with its blocks kept (the model's config may give
+        a block number instead of a size)."""
+        m, num, size, _ = self.boft_R[adapter_name].shape
+        target = config.boft_n_butterfly_factor
+        if not isinstance(target, int) or isinstance(target, bool) or target < m:
+            raise ValueError(f"target_n_butterfly_factor={target!r} must be an int >= its {m} factors")
+        config = dataclasses.replace(config, boft_block_size=size, boft_block_num=0)
+        try:
+            self.check_target(self, config, key)
+        except ValueError as err:
+            raise ValueError(f"cannot use {target} butterfly factors with {num} blocks of size {size}: {err}") from err
+        return config
+
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
 
 
 class BOFTLinear(_BOFTLayer):
     """BOFT on ``nn.Linear``: ``y = s * (base(x M) - b) + b``, the rotation applied to the activations."""
+
+    peft_module_type = "boft.Linear"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
         if config.fan_in_fan_out:  # PEFT's correction of the config, with its warning
@@ -294,6 +335,8 @@ class BOFTLinear(_BOFTLayer):
 class BOFTConv2d(_BOFTLayer):
     """BOFT on ``nn.Conv2d`` (any kernel shape, stride, dilation, padding and padding mode; ``groups=1``)."""
 
+    peft_module_type = "boft.Conv2d"
+
     @staticmethod
     def scale_shape(out: int) -> tuple[int, int]:
         return (1, out)
@@ -313,6 +356,15 @@ class BOFTModel(AdapterModel):
     prefix = "boft_"
     layer_cls = BOFTLinear
     target_types = (nn.Linear, nn.Conv2d)
+
+    @classmethod
+    def hotswap_padded_config(cls, config: BOFTConfig, *, target_n_butterfly_factor=None, **others) -> BOFTConfig:
+        """Every layer's number of butterfly factors becomes ``target_n_butterfly_factor`` (``>=`` its current
+        one; the block geometry must allow it: ``b`` even, ``N`` divisible by ``2**(m-1)``)."""
+        if target_n_butterfly_factor is None or others:
+            raise ValueError("BOFT adapters are padded by target_n_butterfly_factor, got "
+                             f"{sorted(others) or 'none'}")
+        return dataclasses.replace(config, boft_n_butterfly_factor=target_n_butterfly_factor)
 
     @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:

@@ -18,6 +18,7 @@ call (on the activations through FFTs, or one GEMM on ``W + dW`` built for that 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -263,6 +264,58 @@ class FourierFTLayer(AdapterLayer):
         delta = self._oriented_delta(adapter_name, weight)
         return (weight.to(delta.dtype) - delta).to(weight.dtype)
 
+    # ------------------------------------------------------------------ hot-swapping
+    def hotswap_values(self, adapter_name: str, key: str, new: Optional[dict], new_config: Optional[FourierFTConfig],
+                       config: FourierFTConfig) -> dict[str, torch.Tensor]:
+        """The model-shaped spectrum holding the new adapter: zero-padded, its scaling folded in.
+
+        The new adapter's frequency positions must be the first ``n'`` of the model's ``n`` (``n' <= n``).
+        Positions are ``randperm(d_out * d_in, seed)[:n]``, and the first ``n'`` entries of one seeded
+        permutation do not depend on how many are kept: an adapter with ``n'`` coefficients *is* the adapter
+        with ``n`` coefficients whose last ``n - n'`` are zero (same seed, same shape), so a smaller adapter
+        with the same ``random_loc_seed`` and ``frequency_band`` is zero-padded (the band draw keeps the top
+        ``n`` of one seeded ordering, nested in the same way; ``tests/test_hotswap.py`` checks both draws
+        against the drawing code, so nothing is redrawn here). A different ``scaling`` is folded into the
+        coefficients (``dW`` is linear in ``c``), because the layer's scaling is a Python float a compiled
+        graph is specialised on. An untargeted layer gets ``c = 0``, the identity.
+        """
+        current = self.fourierft_spectrum[adapter_name]
+        n = current.shape[0]
+        if new is None:
+            return {"fourierft_spectrum": torch.zeros_like(current)}
+        c = new["fourierft_spectrum"]
+        if c.dim() != 1:
+            raise ValueError(f"fourierft_spectrum must be 1-D, got shape {tuple(c.shape)}")
+        new_config = new_config or config
+        n_new, scaling, new_scaling = c.shape[0], float(config.scaling), float(new_config.scaling)
+        if new_config is not config and new_config.n_frequency_for(key) != n_new:
+            raise ValueError(f"the new adapter's config gives n_frequency={new_config.n_frequency_for(key)} but its "
+                             f"fourierft_spectrum holds {n_new} coefficients")
+        if n_new > n:
+            raise ValueError(f"the new adapter has n_frequency={n_new}, the model's adapter {adapter_name!r} only {n}; "
+                             f"call prepare_model_for_hotswap(model, target_n_frequency={n_new}) before compiling")
+        if (new_config.random_loc_seed, _band(new_config)) != (config.random_loc_seed, _band(config)):
+            raise ValueError(
+                f"the new adapter's frequency positions (random_loc_seed={new_config.random_loc_seed}, "
+                f"frequency_band={new_config.frequency_band}) are not the model's (random_loc_seed="
+                f"{config.random_loc_seed}, frequency_band={config.frequency_band}); FourierFT adapters swap only "
+                "with the same seed and band")
+        if scaling == 0 and new_scaling != 0:
+            raise ValueError(f"the model's adapter has scaling=0, which no coefficients can rescale to "
+                             f"scaling={new_scaling}")
+        value = torch.zeros(n, dtype=torch.float64)
+        value[:n_new] = c.detach().to(torch.float64) * (1.0 if new_scaling == scaling else new_scaling / scaling)
+        return {"fourierft_spectrum": value}
+
+    def hotswap_padding(self, adapter_name: str, key: str, config: FourierFTConfig) -> FourierFTConfig:
+        """Zero coefficients at the next positions of the seeded permutation: the first ``n`` stay where they
+        are (:meth:`hotswap_values`), so the outputs do not change."""
+        n, target = self.fourierft_spectrum[adapter_name].shape[0], config.n_frequency
+        if not isinstance(target, int) or isinstance(target, bool) or target < n:
+            raise ValueError(f"target_n_frequency={target!r} must be an int >= its n_frequency {n}")
+        self.check_target(self, config, key)
+        return config
+
     def _adapter_args(self, adapter_names: list[str]) -> tuple[list, list, list]:
         return ([self.fourierft_spectrum[n] for n in adapter_names], [self.plan(n) for n in adapter_names],
                 [self.fourierft_scaling[n] for n in adapter_names])
@@ -279,6 +332,10 @@ class FourierFTLayer(AdapterLayer):
 
     def __repr__(self) -> str:
         return "fourierft." + super().__repr__()
+
+
+def _band(config: FourierFTConfig):
+    return tuple(config.frequency_band) if config.frequency_band is not None else None
 
 
 def _plan_device(plan) -> torch.device:
@@ -385,6 +442,16 @@ class FourierFTModel(AdapterModel):
     linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
     target_types = linear_types + (nn.Conv2d, nn.Embedding)
     default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+
+    @classmethod
+    def hotswap_padded_config(cls, config: FourierFTConfig, *, target_n_frequency: Optional[int] = None,
+                              **others) -> FourierFTConfig:
+        """Every layer's ``n_frequency`` becomes ``target_n_frequency`` (``>=`` its current one)."""
+        if target_n_frequency is None or others:
+            raise ValueError(f"FourierFT adapters are padded by target_n_frequency, got {sorted(others) or 'none'}")
+        padded = copy.deepcopy(config)
+        padded.n_frequency, padded.n_frequency_pattern = target_n_frequency, {}
+        return padded
 
     @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:

@@ -62,8 +62,9 @@ class LoadResult:
         return iter((self.missing_keys, self.unexpected_keys))
 
 
-def _tuner_root(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module to walk and the key prefix of its names (``base_model.model.`` inside a PeftModel)."""
+def tuner_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module to walk and the key prefix of its names (``base_model.model.`` inside a PeftModel, else
+    ``""``), for a :class:`~fourierft.PeftModel`, a tuner or a model with injected adapters."""
     base = getattr(model, "base_model", None)
     if isinstance(base, AdapterModel) and base is not model:
         return base.model, PEFT_PREFIX
@@ -85,7 +86,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
     Required keys are the method's tensors and the ``modules_to_save`` copies; trainable biases are
     optional, because PEFT <= 0.20 did not save them.
     """
-    root, prefix = _tuner_root(model)
+    root, prefix = tuner_root(model)
     config = _adapter_config(model, adapter_name)
     mapping: dict[str, tuple[str, bool]] = {}
     for path, module in _named_modules(root):
@@ -177,7 +178,9 @@ def _collect(full: Mapping, mapping: dict, own: dict, clone: bool) -> dict[str, 
     return out
 
 
-def _normalise_prefix(sd: dict, prefix: str) -> dict:
+def normalise_prefix(sd: dict, prefix: str) -> dict:
+    """``sd`` with its keys under ``prefix`` (from :func:`tuner_root`): ``base_model.model.`` added to a dict
+    that has none of it, or removed from one that has it throughout; mixed keys are left as they are."""
     has = [k.startswith(PEFT_PREFIX) for k in sd]
     if prefix and sd and not any(has):
         return {prefix + k: v for k, v in sd.items()}
@@ -216,8 +219,8 @@ def set_peft_model_state_dict(
     """
     if not isinstance(peft_model_state_dict, Mapping):
         raise TypeError(f"peft_model_state_dict must be a dict of tensors, got {type(peft_model_state_dict).__name__}")
-    _, prefix = _tuner_root(model)
-    sd = _normalise_prefix(dict(peft_model_state_dict), prefix)
+    _, prefix = tuner_root(model)
+    sd = normalise_prefix(dict(peft_model_state_dict), prefix)
     mapping = adapter_key_map(model, adapter_name)
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
@@ -291,7 +294,7 @@ def derived_fingerprint(model: nn.Module, adapter_name: str) -> Optional[str]:
 
     ``None`` when the method has no derived tensors.
     """
-    root, _ = _tuner_root(model)
+    root, _ = tuner_root(model)
     digest, seen = hashlib.sha256(), False
     for path, module in _named_modules(root):
         if isinstance(module, AdapterLayer) and adapter_name in module.adapter_names():
@@ -332,7 +335,7 @@ def _original_key(root: nn.Module, key: str) -> Optional[str]:
 
 def _base_key_map(model: nn.Module) -> dict[str, str]:
     """``original key -> key in the adapted model's state dict`` for every base-model tensor."""
-    root, _ = _tuner_root(model)
+    root, _ = tuner_root(model)
     mapping = {}
     for key in root.state_dict(keep_vars=True):
         original = _original_key(root, key)
@@ -350,7 +353,7 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Args:
         model: A :class:`~fourierft.PeftModel`, a tuner, or a model injected with :func:`inject_adapter_in_model`.
     """
-    root, _ = _tuner_root(model)
+    root, _ = tuner_root(model)
     full = root.state_dict()
     return {original: full[key] for original, key in _base_key_map(model).items()}
 
@@ -369,7 +372,7 @@ def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    root, _ = _tuner_root(model)
+    root, _ = tuner_root(model)
     mapping = _base_key_map(model)
     current = root.state_dict(keep_vars=True)
     unexpected = [k for k in state_dict if k not in mapping]
