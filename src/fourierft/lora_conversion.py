@@ -45,7 +45,7 @@ from .methods.fourierft import Conv1D, FourierFTLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .ops import lowrank
 from .serialization.folders import atomic_write_dir
-from .serialization.state_dict import PEFT_PREFIX, _named_modules, _tuner_root, get_peft_model_state_dict
+from .serialization.state_dict import PEFT_PREFIX, _named_modules, get_peft_model_state_dict, tuner_root
 from .serialization.tensors import SAFETENSORS_WEIGHTS_NAME, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _check_args(rank, svd: str, min_energy: float) -> None:
 
 def _convertible_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdapterLayer]]:
     """``(file-key module name, layer)`` of every adapter layer holding ``adapter_name``, checked first."""
-    root, prefix = _tuner_root(model)
+    root, prefix = tuner_root(model)
     wrappers = [p for p, m in _named_modules(root) if isinstance(m, ModulesToSaveWrapper)]
     layers, unsupported = [], set()
     for path, module in _named_modules(root):
