@@ -236,9 +236,10 @@ def test_stock_trl_refuses_a_fourierft_config(folders, tokenizer, tmp_path):
 
 def test_a_fourierft_model_with_a_config_is_refused(folders, tokenizer, tmp_path):
     model = adapted("SFTTrainer", "fourierft", folders)
-    with pytest.raises(ValueError, match="already has fourierft adapters"):
-        make_trainer(ftrl, "SFTTrainer", model, run_dir(tmp_path, "SFTTrainer"), tokenizer,
-                     peft_config=adapter_config("fourierft"))
+    for config in (adapter_config("fourierft"), peft.LoraConfig(target_modules=["q_proj"])):
+        with pytest.raises(ValueError, match="already has fourierft adapters"):
+            make_trainer(ftrl, "SFTTrainer", model, run_dir(tmp_path, type(config).__name__), tokenizer,
+                         peft_config=config)
 
 
 def test_an_adapter_on_the_lm_head_is_refused(folders, tokenizer, tmp_path):
@@ -246,6 +247,19 @@ def test_an_adapter_on_the_lm_head_is_refused(folders, tokenizer, tmp_path):
     model = fourierft.get_peft_model(AutoModelForCausalLM.from_pretrained(folders["llama"]), config)
     with pytest.raises(ValueError, match="LM head"):
         make_trainer(ftrl, "SFTTrainer", model, run_dir(tmp_path, "SFTTrainer"), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(folders["llama"])
+    with pytest.raises(ValueError, match="LM head"):  # built from the config: the base is left as it was
+        make_trainer(ftrl, "SFTTrainer", base, run_dir(tmp_path, "again"), tokenizer, peft_config=config)
+    assert not any(isinstance(m, fourierft.FourierFTLayer) for m in base.modules())
+    assert type(base.get_output_embeddings()) is torch.nn.Linear
+
+
+def test_settings_that_need_a_peft_model_are_refused(folders, tokenizer, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(folders["llama"])
+    with pytest.raises(NotImplementedError, match="sync_ref_model"):
+        make_trainer(ftrl, "DPOTrainer", base, run_dir(tmp_path, "DPOTrainer"), tokenizer,
+                     peft_config=adapter_config("fourierft"), sync_ref_model=True)
+    assert not any(isinstance(m, fourierft.FourierFTLayer) for m in base.modules())
 
 
 def checkpointing_kwargs() -> str:

@@ -141,13 +141,19 @@ class TRLAdapterMixin:
         del call["self"]
         call.update(mixin_kwargs)
         model, config, train_args = call.get("model"), call.get("peft_config"), call.get("args")
+        if isinstance(model, PeftModel) and config is not None:
+            raise ValueError("The model already has fourierft adapters: pass it without `peft_config`, or pass its "
+                             "base model (model.unload()) with the new `peft_config`.")
         if isinstance(config, PeftConfig):
-            model = self._build(model, config, train_args)
-            call["peft_config"] = None
+            self._check_args(train_args)
+            model, call["peft_config"] = self._build(model, config, train_args), None
         if not isinstance(model, PeftModel):
             super().__init__(**call)
             return
-        self._check(model, train_args)
+        self._check_args(train_args)
+        self._check_head(model, built=isinstance(config, PeftConfig))
+        if getattr(train_args, "activation_checkpointing", None) or getattr(train_args, "gradient_checkpointing", False):
+            model.get_base_model().enable_input_require_grads()  # reentrant checkpointing needs input gradients
         call["model"] = model.get_base_model()
         beta = None
         if "ref_model" in parameters:
@@ -170,9 +176,6 @@ class TRLAdapterMixin:
         """The fourierft model of ``model`` (a model or a path) and ``config``, seeded as TRL seeds peft's."""
         from transformers import set_seed
 
-        if isinstance(model, PeftModel):
-            raise ValueError("The model already has fourierft adapters: pass it without `peft_config`, or pass its "
-                             "base model (model.get_base_model() after unload()) with the new `peft_config`.")
         if isinstance(model, str):
             model = _load_base(self._trl_name, model, train_args)
         if not isinstance(model, nn.Module):
@@ -180,16 +183,9 @@ class TRLAdapterMixin:
         set_seed(train_args.seed if train_args is not None else 42)  # adapter init is random, as in TRL
         return get_peft_model(model, config)
 
-    def _check(self, model: PeftModel, train_args) -> None:
-        """Refuse what TRL refuses for a peft model, before anything is built."""
-        head = model.get_base_model().get_output_embeddings() if hasattr(model.get_base_model(),
-                                                                         "get_output_embeddings") else None
-        if isinstance(head, AdapterLayer):
-            raise ValueError("An adapter on the LM head is not supported: TRL computes log-probabilities from the "
-                             "head's weight directly, so the adapter would never be trained. Remove the head from "
-                             "`target_modules`.")
-        if train_args is None:
-            return
+    @staticmethod
+    def _check_args(train_args) -> None:
+        """Refuse the settings that need a ``peft.PeftModel``, before anything is built."""
         if getattr(train_args, "use_vllm", False):
             raise NotImplementedError(
                 "use_vllm=True is not supported with fourierft models: TRL's vLLM weight sync streams a model it "
@@ -198,8 +194,19 @@ class TRLAdapterMixin:
         if getattr(train_args, "sync_ref_model", False):
             raise NotImplementedError("sync_ref_model=True is not supported with adapters: the reference is the "
                                       "model with its adapters disabled, which is never updated.")
-        if getattr(train_args, "activation_checkpointing", None) or getattr(train_args, "gradient_checkpointing", False):
-            model.get_base_model().enable_input_require_grads()  # reentrant checkpointing needs input gradients
+
+    @staticmethod
+    def _check_head(model: PeftModel, built: bool) -> None:
+        """Refuse an adapter on the LM head, as TRL does for peft models; a model built here is unloaded first,
+        so the caller's base model is left as it was."""
+        base = model.get_base_model()
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if isinstance(head, AdapterLayer):
+            if built:
+                model.unload()
+            raise ValueError("An adapter on the LM head is not supported: TRL computes log-probabilities from the "
+                             "head's weight directly, so the adapter would never be trained. Remove the head from "
+                             "`target_modules`.")
 
 
 def build_trainer_class(trl_class: type) -> type:
