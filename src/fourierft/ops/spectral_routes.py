@@ -82,7 +82,8 @@ class RouteChoice:
         how = "forced" if self.forced else "cheapest"
         where = f"{self.layer}: " if self.layer else ""
         return (f"{where}{self.route} ({how}) for {self.tokens} tokens x ({self.d_out}, {self.d_in}), n={self.n}, "
-                f"{self.device} {self.dtype}, {'grad' if self.grad else 'no grad'}"
+                f"{self.device} {self.dtype or '(base not fusable: hook, autocast or quantized)'}, "
+                f"{'grad' if self.grad else 'no grad'}"
                 f"{', W+dW amortised' if self.amortised else ''}: {costs}")
 
 
