@@ -20,6 +20,7 @@ import fourierft
 from fourierft import BOFTConfig, FourierFTConfig
 from fourierft.ops import _native, spectral_op
 from fourierft.ops.spectral import frequency_indices, make_spectral_plan
+from fourierft.ops.scope import active_scope
 from fourierft.ops.spectral_op import cached_merged_weights, fourierft_linear
 from fourierft.ops.spectral_routes import _force_route, recording_routes
 
@@ -333,11 +334,11 @@ def test_scope_builds_once_per_optimizer_step_and_frees_on_exit(monkeypatch):
             y = model(xs[0])
             assert len(builds) == 5
             torch.testing.assert_close(y, _dense_output(model, xs[0]), rtol=1e-5, atol=1e-5)
-            kept = weakref.ref(next(iter(spectral_op._SCOPE.get().values()))[-1])
-            assert len(spectral_op._SCOPE.get()) == 1  # one entry per layer, not per version
+            kept = weakref.ref(next(iter(active_scope().values()))[-1])
+            assert len(active_scope()) == 1  # one entry per layer, not per version
         del y
         gc.collect()
-        assert kept() is None and spectral_op._SCOPE.get() is None
+        assert kept() is None and active_scope() is None
 
 
 def test_scope_in_inference_takes_the_merged_route_from_one_token(monkeypatch):
@@ -413,7 +414,7 @@ def test_adapter_trainer_opens_one_scope_per_optimizer_step(monkeypatch, tmp_pat
     with _force_route("merged"):
         fourierft.AdapterTrainer(model=model, args=args, train_dataset=Data()).train()
     assert len(builds) == 2  # 4 micro-batches in 2 optimizer steps
-    assert spectral_op._SCOPE.get() is None  # closed after the last step
+    assert active_scope() is None  # closed after the last step
 
 
 # ------------------------------------------------------------------------------------------ host reads

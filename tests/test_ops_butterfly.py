@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fourierft.ops import butterfly as bf
+from fourierft.ops import butterfly_scale
 
 peft_boft = pytest.importorskip("peft.tuners.boft.layer")
 
@@ -38,6 +39,21 @@ def reference_cayley(r):
 
 def peft_permutations(n, num, size, m):
     return torch.stack([peft_perm(n, int(num / 2**i), int(size / 2), m - 1) for i in range(m)])
+
+
+BUTTERFLY_MODULES = ["butterfly", "butterfly_blocks", "butterfly_geometry", "butterfly_op", "butterfly_paths",
+                     "butterfly_plan", "butterfly_routes", "butterfly_scale", "scope"]
+
+
+@pytest.mark.parametrize("name", BUTTERFLY_MODULES)
+def test_star_import_gives_every_public_name(name):
+    """``from fourierft.ops.butterfly import *`` raised ``AttributeError`` while ``__all__`` listed ``prepare``."""
+    import importlib
+
+    namespace: dict = {}
+    exec(f"from fourierft.ops.{name} import *", namespace)  # noqa: S102
+    module = importlib.import_module(f"fourierft.ops.{name}")
+    assert module.__all__ and set(module.__all__) <= set(namespace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +209,11 @@ def test_rotate_matches_dense_reference(geometry, seed):
     perms = peft_permutations(n, num, size, m)
     q = bf.cayley(r)
     dense = reference_rotation(q, perms)
-    for p in (None, perms):
-        torch.testing.assert_close(bf.rotate(x, q, p), x @ dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(bf.rotate_transpose(x, q, p), x @ dense.T, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(bf.dense_rotation(q, p), dense, rtol=1e-10, atol=1e-10)
+    for plan in (None, bf.permutation_plan(perms, size)):
+        torch.testing.assert_close(bf.rotate(x, q, plan), x @ dense, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bf.rotate_transpose(x, q, plan), x @ dense.T, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bf.dense_rotation(q, plan=plan), dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bf.dense_rotation(q, perms), dense, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dense @ dense.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
@@ -211,8 +228,8 @@ def test_rotate_gradients_match_dense_path(geometry, seed):
     g = torch.randn(*lead, n, dtype=torch.float64, generator=gen)
     perms = peft_permutations(n, num, size, m)
     ref = torch.autograd.grad(x @ reference_rotation(reference_cayley(r), perms), (x, r), g)
-    for p in (None, perms):
-        ours = torch.autograd.grad(bf.rotate(x, bf.cayley(r), p), (x, r), g)
+    for plan in (None, bf.permutation_plan(perms, size)):
+        ours = torch.autograd.grad(bf.rotate(x, bf.cayley(r), plan), (x, r), g)
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -236,8 +253,9 @@ def test_rotate_random_permutations_and_layouts():
     q = bf.cayley(torch.randn(m, num, size, size, dtype=torch.float64))
     dense = reference_rotation(q, perms)
     x = torch.randn(n, 7, dtype=torch.float64).T  # non-contiguous
-    torch.testing.assert_close(bf.rotate(x, q, perms), x @ dense)
-    torch.testing.assert_close(bf.rotate_transpose(bf.rotate(x, q, perms), q, perms), x)
+    plan = bf.permutation_plan(perms, size)
+    torch.testing.assert_close(bf.rotate(x, q, plan), x @ dense)
+    torch.testing.assert_close(bf.rotate_transpose(bf.rotate(x, q, plan), q, plan), x)
 
 
 def test_rotate_single_factor_is_block_diag():
@@ -355,15 +373,18 @@ class _RecordSizes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("size,m,explicit", [(4, 1, False), (4, 3, False), (8, 3, False), (4, 3, True), (2, 5, False)])
-def test_no_dense_matrix_in_forward_or_backward(size, m, explicit):
+@pytest.mark.parametrize("size,m,explicit,route", [
+    (size, m, False, route) for size, m in [(4, 1), (4, 3), (8, 3), (2, 5)] for route in ("fused", "factors")
+] + [(4, 3, True, "factors")])  # arbitrary permutations have no fused path
+def test_no_dense_matrix_in_forward_or_backward(size, m, explicit, route):
+    """The fused and factor paths never hold an ``n x n`` tensor (only the ``"dense"`` path builds ``M``)."""
     n, t = 64, 4
     num = n // size
     r = torch.randn(m, num, size, size, requires_grad=True)
     x = torch.randn(t, n, requires_grad=True)
-    perms = bf.butterfly_permutations(n, num, size, m) if explicit else None
+    plan = bf.permutation_plan(bf.butterfly_permutations(n, num, size, m), size) if explicit else None
     with _RecordSizes() as rec:
-        y = bf.rotate(x, bf.multiplicative_dropout(bf.cayley(r), 0.5, True), perms)
+        y = bf.rotate(x, bf.multiplicative_dropout(bf.cayley(r), 0.5, True), plan, route=route)
         y.backward(torch.randn_like(y))
     assert rec.sizes, "dispatch mode recorded nothing"
     biggest = max(rec.sizes, key=lambda item: item[1])
@@ -376,7 +397,7 @@ def test_no_dense_matrix_in_forward_or_backward(size, m, explicit):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("chunk", [16, 1 << 18])
 def test_scale_output_matches_peft_formula(monkeypatch, with_bias, chunk):
-    monkeypatch.setattr(bf, "_SCALE_CHUNK", chunk)
+    monkeypatch.setattr(butterfly_scale, "_SCALE_CHUNK", chunk)
     gen = torch.Generator().manual_seed(5)
     y = torch.randn(4, 9, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     s = (torch.rand(7, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()

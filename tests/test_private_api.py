@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules import module as module_registry
 
 from conftest import build, method_config
-from fourierft import get_peft_model
+from fourierft import cached_merged_weights, get_peft_model
 
 
 @pytest.mark.parametrize("name", ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -65,18 +65,19 @@ def test_conv_forward(padding_mode):
 
 
 def test_tensor_version_counter():
-    """``methods/boft.py::rotation_blocks``: the cached Cayley blocks are rebuilt when ``R`` changes in place."""
+    """``ops/scope.py::scope_key``: inside ``cached_merged_weights`` a derived weight is rebuilt when its
+    parameter changes in place."""
     r = torch.zeros(3)
     before = r._version
     r.add_(1)
     assert isinstance(before, int) and r._version > before, "Tensor._version no longer counts in-place changes"
 
 
-def test_cayley_cache_follows_in_place_changes():
+def test_boft_scope_follows_in_place_changes():
     torch.manual_seed(0)
     model = get_peft_model(build("mlp"), method_config("boft")).eval()
     x = torch.randn(3, 10)
-    with torch.no_grad():
+    with torch.no_grad(), cached_merged_weights():
         first = model(x)
         model.base_model.model.lin1.boft_R["default"].mul_(2)  # an optimizer step would do the same
         assert not torch.equal(model(x), first)

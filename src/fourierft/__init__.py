@@ -20,10 +20,11 @@ from .contract import register_method
 from .hotswap import HotswapError, hotswap_adapter, prepare_model_for_hotswap
 from .layer import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .ops.spectral_op import cached_merged_weights
+from .ops.scope import cached_merged_weights
 from .integrations.optim import adapter_param_groups
 from .methods import (BOFTConfig, BOFTConv2d, BOFTLinear, BOFTModel, FourierFTConfig, FourierFTConv2d,
-                      FourierFTEmbedding, FourierFTLayer, FourierFTLinear, FourierFTModel, explain_routes)
+                      FourierFTEmbedding, FourierFTLayer, FourierFTLinear, FourierFTModel)
+from .routes import explain_routes
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,

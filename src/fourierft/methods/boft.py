@@ -107,8 +107,7 @@ class _BOFTLayer(AdapterLayer):
     """Shared BOFT state and maths; subclasses say how the rotation reaches the output."""
 
     adapter_layer_names = ("boft_R", "boft_s")
-    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor",
-                         "_cayley_cache", "_plans")
+    other_param_names = ("boft_block_size", "boft_block_num", "boft_dropout", "boft_n_butterfly_factor", "_plans")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BOFTConfig, key: str = "") -> None:
         super().__init__(base_layer)
@@ -122,7 +121,6 @@ class _BOFTLayer(AdapterLayer):
         self.boft_block_num: dict[str, int] = {}
         self.boft_dropout: dict[str, float] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
-        self._cayley_cache: dict[str, tuple] = {}
         self._plans: dict[str, butterfly.ButterflyPlan] = {}  # on the adapter's device, rebuilt after a move
         self.update_layer(adapter_name, config, key=key)
 
@@ -184,35 +182,24 @@ class _BOFTLayer(AdapterLayer):
         """``s`` as a vector of length ``out``."""
         return self.boft_s[adapter_name].reshape(-1)
 
+    def _dropout(self, adapter_name: str, dropout: bool) -> float:
+        """The multiplicative dropout probability to apply now (0 outside training or when not asked)."""
+        return self.boft_dropout[adapter_name] if dropout and self.training else 0.0
+
     def rotation_blocks(self, adapter_name: str, dropout: bool = False) -> torch.Tensor:
         """Orthogonal blocks ``Q = cayley(R)`` (float32 or wider), with multiplicative dropout if asked.
 
-        Without autograd (inference) ``Q`` is cached until ``R`` changes (its version counter moves). Not
-        under ``torch.compile``: comparing data pointers breaks the graph, and a recomputed cache entry is a
-        new tensor the compiled graph was specialised on (a recompilation after every weight reload or
-        hot-swap); there ``cayley`` is part of the graph instead."""
-        R = self.boft_R[adapter_name]
-        if torch.is_grad_enabled() and R.requires_grad or R.device.type == "meta" or torch.compiler.is_compiling():
-            q = butterfly.cayley(R)
-        else:
-            # Private API: ``Tensor._version`` is the only way to see an in-place change (optimizer step,
-            # load_state_dict); torch has no public version counter. tests/test_private_api.py checks it.
-            stamp = (R.data_ptr(), R._version, R.device, R.dtype)
-            cached = self._cayley_cache.get(adapter_name)
-            if cached is None or cached[0] != stamp:
-                cached = self._cayley_cache[adapter_name] = (stamp, butterfly.cayley(R.detach()))
-            q = cached[1]
-        if dropout:
-            q = butterfly.multiplicative_dropout(q, self.boft_dropout[adapter_name], self.training)
-        return q
+        Computed on every call, except inside :func:`~fourierft.cached_merged_weights`, which reuses one
+        ``Q`` per ``R`` and version (:func:`~fourierft.ops.butterfly_op.rotation_blocks`)."""
+        return butterfly.rotation_blocks(self.boft_R[adapter_name], dropout=self._dropout(adapter_name, dropout))
 
     def rotated_weight(self, adapter_names: list[str], weight: torch.Tensor, dropout: bool) -> torch.Tensor:
         """``diag(s) W M^T`` for the adapters in order (the weight flattened to ``(out, n)``), >= float32."""
         dtype = torch.promote_types(weight.dtype, torch.float32)
         flat = weight.reshape(weight.shape[0], -1).to(dtype)
         for name in adapter_names:
-            q = self.rotation_blocks(name, dropout)
-            flat = butterfly.rotate_transpose(flat, q.to(dtype), plan=self.plan(name))
+            flat = butterfly.butterfly_rotate(flat, self.boft_R[name], self.plan(name), transpose=True,
+                                              dropout=self._dropout(name, dropout))
             flat = flat * self._scale(name).to(dtype)[:, None]
         return flat.reshape(weight.shape)
 
@@ -234,7 +221,7 @@ class _BOFTLayer(AdapterLayer):
         self._check_invertible(adapter_name)  # dividing by 0 would turn the base weight into NaN
         dtype = torch.promote_types(weight.dtype, torch.float32)
         flat = weight.reshape(weight.shape[0], -1).to(dtype) / self._scale(adapter_name).to(dtype)[:, None]
-        flat = butterfly.rotate(flat, self.rotation_blocks(adapter_name).to(dtype), plan=self.plan(adapter_name))
+        flat = butterfly.butterfly_rotate(flat, self.boft_R[adapter_name], self.plan(adapter_name))
         return flat.reshape(weight.shape).to(weight.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -306,8 +293,7 @@ class BOFTLinear(_BOFTLayer):
         z = x
         scale = None
         for name in reversed(adapter_names):  # x M_k ... M_1, which equals merging adapter 1 first
-            q = self.rotation_blocks(name, dropout=True)
-            z = butterfly.rotate(z, q, plan=self.plan(name))  # blocks stay >= fp32; cast to x's dtype once
+            z = butterfly.butterfly_rotate(z, self.boft_R[name], self.plan(name), dropout=self._dropout(name, True))
         for name in adapter_names:
             s = self._scale(name)
             scale = s if scale is None else scale * s

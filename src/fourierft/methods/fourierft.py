@@ -12,7 +12,7 @@ The frequencies are rebuilt from ``random_loc_seed`` exactly as PEFT draws them,
 its coefficients and plans (derived from the seed and the shape), nothing that depends on the coefficients'
 values. Its forward hands them to :func:`fourierft.ops.spectral_op.fourierft_linear`, which picks a route per
 call (on the activations through FFTs, or one GEMM on ``W + dW`` built for that call or reused inside
-:func:`~fourierft.cached_merged_weights`) and says which with :func:`explain_routes`. Merging adds the dense
+:func:`~fourierft.cached_merged_weights`) and says which with :func:`~fourierft.explain_routes`. Merging adds the dense
 :math:`\Delta W` of :func:`fourierft.ops.spectral.delta_weight` once.
 """
 
@@ -37,7 +37,6 @@ from ..plans import SharedPlans
 from ..ops import _native, spectral
 from ..ops._placement import on_real_cpu, place
 from ..ops.spectral_op import fourierft_linear
-from ..ops.spectral_routes import RouteChoice, recording_routes
 from ..tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
@@ -394,40 +393,6 @@ class FourierFTLinear(FourierFTLayer):
             delta = fourierft_linear(x[index], spectra, plans, scalings, slots=slots)
             out = out.index_add(0, index, delta.to(out.dtype))
         return out
-
-
-def explain_routes(model: nn.Module, *args, grad: bool = True, **kwargs) -> list[RouteChoice]:
-    """Run ``model(*args, **kwargs)`` once and return the route every FourierFT linear layer took, and why.
-
-    Each :class:`~fourierft.ops.spectral_routes.RouteChoice` names the layer, what the rule was given
-    (device, dtype, tokens, widths, ``n``, gradients) and the modelled cost of every candidate route;
-    ``print(*explain_routes(model, **batch), sep="\\n")`` gives one line per layer. The same lines are logged
-    at DEBUG level by ``fourierft.ops.spectral_routes`` on every forward.
-
-    Args:
-        model: a model holding FourierFT layers (a :class:`~fourierft.PeftModel` or an injected model).
-        *args: the forward's positional inputs.
-        **kwargs: the forward's keyword inputs.
-        grad: run the forward with gradients enabled (as training does) or not (as inference does).
-    """
-    names = {m: n for n, m in model.named_modules() if isinstance(m, FourierFTLinear)}
-    records: list[RouteChoice] = []
-    marks: dict = {}
-
-    def before(module, _args):
-        marks[module] = len(records)
-
-    def after(module, _args, _out):
-        records[marks[module]:] = [dataclasses.replace(r, layer=names[module]) for r in records[marks[module]:]]
-
-    handles = [h for m in names for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        with recording_routes(records), torch.set_grad_enabled(grad):
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return records
 
 
 from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding  # noqa: E402  (they build on FourierFTLayer)

@@ -19,8 +19,6 @@ else, and nothing reads a tensor value back to the host.
 
 from __future__ import annotations
 
-import contextvars
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -28,39 +26,10 @@ from torch.autograd.function import once_differentiable
 
 from .spectral import (SpectralPlan, TokenPlan, concat_token_plans, delta_weight, fft_dtype, forward_map,
                        half_spectrum, spectrum_products, transposed_map)
+from .scope import active_scope, cached_merged_weights
 from .spectral_routes import choose_route
 
 __all__ = ["cached_merged_weights", "fourierft_linear"]
-
-_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fourierft_merged_weights", default=None)
-
-
-@contextmanager
-def cached_merged_weights():
-    """Reuse each FourierFT layer's ``W + dW`` within the block; leaving it frees them.
-
-    Like ``torch.nn.utils.parametrize.cached()``: inside, a layer that takes the ``"merged"`` route builds
-    ``W + dW`` once (the ``"dense"`` route, ``dW``) and later forwards (gradient-accumulation micro-batches, checkpoint recomputation,
-    repeated inference or generation) use it. An entry belongs to the exact tensors and their version
-    counters, so an in-place update (an optimizer step, ``load_state_dict``) makes the next forward build a
-    new one; writes through ``.data`` bypass version counters, so don't make them inside the block. Without
-    gradients, layers inside the block count ``W + dW`` as free when they pick their route.
-    :class:`~fourierft.AdapterTrainer` opens it around the micro-batches of each optimizer step.
-
-    Example::
-
-        with fourierft.cached_merged_weights():
-            for batch in micro_batches:
-                model(**batch).loss.backward()
-        optimizer.step()
-    """
-    token = _SCOPE.set({})
-    try:
-        yield
-    finally:
-        _SCOPE.get().clear()
-        _SCOPE.reset(token)
-
 
 def _scope_key(kind, weight, spectra, scalings, transposed, dtype) -> tuple | None:
     """Which tensors an entry belongs to (ids, held alive by the entry) and their versions; ``None`` for
@@ -75,7 +44,7 @@ def _scope_key(kind, weight, spectra, scalings, transposed, dtype) -> tuple | No
 def _scoped(kind, weight, spectra, scalings, transposed, dtype, build) -> torch.Tensor:
     """``build()`` without gradients, reused inside :func:`cached_merged_weights` while the tensors' versions
     are unchanged (one entry per layer and kind: a newer version replaces it)."""
-    scope = None if torch.compiler.is_compiling() else _SCOPE.get()
+    scope = active_scope()
     key = None if scope is None else _scope_key(kind, weight, spectra, scalings, transposed, dtype)
     if key is not None and key[0] in scope and scope[key[0]][0] == key[1]:
         return scope[key[0]][-1]
@@ -231,7 +200,7 @@ def fourierft_linear(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Se
     d_out, d_in = _check(x, spectra, plans, scalings, weight, bias, transposed, slots)
     scalings = [float(a) for a in scalings]
     grad = torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in spectra))
-    scope = None if torch.compiler.is_compiling() else _SCOPE.get()  # Dynamo cannot read context variables
+    scope = active_scope()  # None while Dynamo traces: it cannot read context variables
     chosen = choose_route(
         x.device, tokens=x.numel() // d_in, d_out=d_out, d_in=d_in, n=sum(p.n for p in plans), grad=grad,
         fused=weight is not None, weight_dtype=None if weight is None else weight.dtype,
