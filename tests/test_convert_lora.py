@@ -309,3 +309,13 @@ def test_signatures_match_peft():
     for cls in (fourierft.FourierFTLayer, fourierft.BOFTLinear):
         mine = inspect.signature(cls.supports_lora_conversion).parameters
         assert [(p.name, p.default) for p in mine.values()] == [(p.name, p.default) for p in theirs.values()]
+
+
+def test_models_report_lora_conversion_support():
+    _, model = _fourierft()
+    assert model.supports_lora_conversion() and model.base_model.supports_lora_conversion("default")
+    torch.manual_seed(0)
+    toy = fourierft.get_peft_model(Net(), fourierft.BOFTConfig(target_modules=["a"], boft_block_size=4))
+    assert toy.supports_lora_conversion()
+    toy.base_model.model.a.supports_lora_conversion = lambda adapter_name="default": False  # a layer that cannot
+    assert not toy.supports_lora_conversion()

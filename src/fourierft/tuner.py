@@ -190,6 +190,12 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         for _, layer in self.adapter_layers():
             layer.prepare_plans()
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer can be converted to LoRA (:func:`fourierft.convert_to_lora`), as PEFT."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        return bool(layers) and all(getattr(layer, "supports_lora_conversion", lambda _name: False)(adapter_name)
+                                    for layer in layers)
+
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
         """Run the model; ``adapter_names`` (one per sample, ``"__base__"`` for none) mixes adapters in a batch."""
         if self.model.training and torch.is_grad_enabled():  # see fourierft.quantized.is_repacked
