@@ -11,7 +11,13 @@ the adapted model, the adapter-disabled model as the reference (no copy of the b
 ``peft_config`` building the fourierft model. Trainers this TRL version lacks are absent.
 """
 
-from .integrations.trl import AdapterDisabledReference, TRAINER_NAMES, trainer_classes
+import importlib.util
+
+from .integrations.trl import TRAINER_NAMES, AdapterDisabledReference, trainer_classes
+
+if importlib.util.find_spec("trl") is None:
+    raise ImportError('fourierft.trl needs TRL: pip install -e ".[trl]" from a clone of the repository, or '
+                      'pip install "fourierft[trl]" from a package index')
 
 globals().update(trainer_classes())
 
