@@ -51,7 +51,7 @@ class DenseDelta:
         return self.weight
 
     def frobenius_sq(self) -> float:
-        return float(self.weight.double().square().sum())
+        return float(torch.linalg.vector_norm(self.weight, dtype=torch.float64)) ** 2
 
 
 @dataclass(frozen=True)
