@@ -19,6 +19,7 @@ Unlike PEFT without its CUDA extension, ``boft_n_butterfly_factor`` is always ho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 
@@ -34,13 +35,6 @@ from ..ops import butterfly
 from ..tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
-
-
-class _DefaultBlockSize(int):
-    """``boft_block_size``'s default, 4, told apart from a 4 the caller passed (``is`` a distinct object)."""
-
-
-_DEFAULT_BLOCK_SIZE = _DefaultBlockSize(4)
 
 
 @dataclasses.dataclass
@@ -61,7 +55,7 @@ class BOFTConfig(TunerConfig):
             draws ``R ~ N(0, 0.1)`` and ``s ~ N(1, 0.1)``.
     """
 
-    boft_block_size: int = _DEFAULT_BLOCK_SIZE
+    boft_block_size: int = 4
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
@@ -73,8 +67,7 @@ class BOFTConfig(TunerConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        given = self.boft_block_size is not _DEFAULT_BLOCK_SIZE
-        self.boft_block_size = int(self.boft_block_size)
+        given = self.__dict__.pop("_block_size_given", True)  # set by __init__ below
         if self.boft_block_size and self.boft_block_num:
             if given:
                 raise ValueError(
@@ -90,6 +83,23 @@ class BOFTConfig(TunerConfig):
         p = self.boft_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"boft_dropout must be in [0, 1), got {p!r}")
+
+
+def _note_block_size_given(init):
+    """``BOFTConfig.__init__`` that tells ``__post_init__`` whether ``boft_block_size`` was passed: its default, 4,
+    cannot be told apart from a 4 the caller gave, and both sizes given is an error (PEFT's) where the number
+    alone is not (here)."""
+    position = [f.name for f in dataclasses.fields(BOFTConfig) if f.init].index("boft_block_size")
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_block_size_given"] = "boft_block_size" in kwargs or len(args) > position
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+BOFTConfig.__init__ = _note_block_size_given(BOFTConfig.__init__)
 
 
 def _width(module: nn.Module) -> int:
