@@ -187,13 +187,21 @@ class FourierFTLayer(AdapterLayer):
 
     @classmethod
     def check_target(cls, module: nn.Module, config: FourierFTConfig, key: str) -> None:
-        d_in, d_out, _ = cls.layer_shape(module.get_base_layer() if isinstance(module, AdapterLayer) else module)
+        """The one ``n_frequency`` check (``n <= d_out * d_in`` of :attr:`layer_shape`), in PEFT's words."""
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        d_in, d_out, _ = cls.layer_shape(base)
         n = config.n_frequency_for(key)
         if n > d_in * d_out:
             raise ValueError(
                 f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
-                f"but the value passed is {n} and the product is {d_in * d_out} (layer {key}, {d_out}x{d_in})"
+                f"but the value passed is {n} and the product is {d_in * d_out} ({cls.describe_shape(base, key)})"
             )
+
+    @classmethod
+    def describe_shape(cls, base: nn.Module, key: str) -> str:
+        """``"layer lin1, 2x20"``: the layer and the 2-D shape ``dW`` is defined on, for error messages."""
+        d_in, d_out, _ = cls.layer_shape(base)
+        return f"layer {key}, {d_out}x{d_in}"
 
     def update_layer(self, adapter_name: str, config: FourierFTConfig, key: str = "") -> None:
         """Create adapter ``adapter_name``: frequencies from the seed, then ``torch.randn(n)`` (PEFT's draw)."""

@@ -60,14 +60,12 @@ class FourierFTConv2d(FourierFTLayer):
         if base.groups != 1:
             raise ValueError(f"FourierFT does not support grouped convolutions: {key} has groups={base.groups} "
                              "(only groups=1)")
+        super().check_target(module, config, key)
+
+    @classmethod
+    def describe_shape(cls, base: nn.Module, key: str) -> str:
         d_in, d_out, _ = _conv_shape(base)
-        n = config.n_frequency_for(key)
-        if n > d_in * d_out:
-            raise ValueError(
-                f"`n_frequency` should be less than or equal to the product of the input and output dimensions "
-                f"but the value passed is {n} and the product is {d_in * d_out} (layer {key}: Conv2d weight "
-                f"{tuple(base.weight.shape)} flattened to ({d_out}, {d_in}))"
-            )
+        return f"layer {key}: Conv2d weight {tuple(base.weight.shape)} flattened to ({d_out}, {d_in})"
 
     def extra_repr(self) -> str:
         return f"dW on ({self.out_features}, {self.in_features}), " + AdapterLayer.extra_repr(self)
