@@ -319,3 +319,36 @@ def test_models_report_lora_conversion_support():
     assert toy.supports_lora_conversion()
     toy.base_model.model.a.supports_lora_conversion = lambda adapter_name="default": False  # a layer that cannot
     assert not toy.supports_lora_conversion()
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(192, 160)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "boft"])
+def test_randomized_factors_equal_peft_when_the_spectrum_has_a_gap(method, tmp_path):
+    """On a layer large enough for the randomised route, with a decaying spectrum (as trained adapters tend to
+    have), its B @ A is peft's (exact SVD) B @ A."""
+    torch.manual_seed(0)
+    base = Wide()
+    if method == "fourierft":
+        model = fourierft.get_peft_model(copy.deepcopy(base), fourierft.FourierFTConfig(target_modules=["a"],
+                                                                                       n_frequency=300))
+        with torch.no_grad():  # four dominant coefficients: singular values in pairs 10, 8, 6, 4, then small
+            model.base_model.model.a.fourierft_spectrum["default"].mul_(0.05)[:4] = torch.tensor([10., 8, 6, 4])
+    else:
+        u, _, vh = torch.linalg.svd(torch.randn(160, 192), full_matrices=False)
+        with torch.no_grad():
+            base.a.weight.copy_(u * 0.7 ** torch.arange(160.0) @ vh)
+        model = fourierft.get_peft_model(copy.deepcopy(base), fourierft.BOFTConfig(
+            target_modules=["a"], boft_block_size=8, init_weights=False))
+    result = fourierft.convert_to_lora(model, 8, min_energy=0)
+    assert result.report[0].svd == "randomized"
+    _, theirs = _peft_conversion(base, model, tmp_path, 8)
+    (name, product), = _products(theirs).items()
+    torch.testing.assert_close(_products(result[1])[name], product, atol=1e-4 * product.abs().max(), rtol=1e-3)
