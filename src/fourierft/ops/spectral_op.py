@@ -19,6 +19,7 @@ else, and nothing reads a tensor value back to the host.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -83,15 +84,38 @@ def _coefficients(spectra, scalings, weight, norm, dtype, slots) -> torch.Tensor
     return (table.unsqueeze(2) * pairs).view(table.shape[0], -1).index_select(0, slots)
 
 
+@dataclass(frozen=True)
+class OpSettings:
+    """Everything the op's autograd node is given besides the tensors it differentiates or fuses.
+
+    Attributes:
+        plan: the token maps of the adapters' positions (one plan, or the adapters' plans concatenated).
+        scalings: one scaling ``a`` per adapter.
+        cdtype: the FFT dtype (float32, or float64).
+        slots: one adapter index per sample (mixed batches), or ``None``: the adapters' sum for every sample.
+        transposed: the fused weight is stored ``(d_in, d_out)`` (transformers' ``Conv1D``).
+    """
+
+    plan: TokenPlan
+    scalings: tuple[float, ...]
+    cdtype: torch.dtype
+    slots: torch.Tensor | None = None
+    transposed: bool = False
+
+
 class _FourierFT(torch.autograd.Function):
-    """``y = [linear(x, W or W + dW, bias)] [+ x @ dW^T on the activations]`` (module docstring)."""
+    """``y = [linear(x, W or W + dW, bias)] [+ x @ dW^T on the activations]`` (module docstring).
+
+    Inputs: the :class:`OpSettings`, then ``x``, the frozen ``weight`` and ``bias`` (or ``None``), ``W + dW``
+    (route ``"merged"``, or ``None``) and one spectrum per adapter; gradients flow to ``x`` and the spectra."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, merged, plan: TokenPlan, scalings, cdtype, slots, transposed, *spectra):
+    def forward(ctx, settings: OpSettings, x, weight, bias, merged, *spectra):
+        plan, scalings, cdtype, slots = settings.plan, settings.scalings, settings.cdtype, settings.slots
         d_out, d_in = plan.d_out, plan.d_in
         gemm_weight = merged if merged is not None else weight
-        ctx.plan, ctx.scalings, ctx.cdtype, ctx.slots = plan, scalings, cdtype, slots
-        ctx.on_activations, ctx.transposed = merged is None, transposed and merged is None
+        ctx.settings = settings
+        ctx.on_activations, ctx.transposed = merged is None, settings.transposed and merged is None
         ctx.x_meta = (x.shape, x.dtype)
         ctx.save_for_backward(x if any(s.requires_grad for s in spectra) else None, gemm_weight, *spectra)
         y = None
@@ -113,9 +137,10 @@ class _FourierFT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, gemm_weight, *spectra = ctx.saved_tensors
-        plan, scalings, cdtype, slots = ctx.plan, ctx.scalings, ctx.cdtype, ctx.slots
+        settings = ctx.settings
+        plan, scalings, cdtype, slots = settings.plan, settings.scalings, settings.cdtype, settings.slots
         (x_shape, x_dtype), runs = ctx.x_meta, 1 if slots is None else slots.numel()
-        need_x, need_c = ctx.needs_input_grad[0], any(ctx.needs_input_grad[9:])
+        need_x, need_c = ctx.needs_input_grad[1], any(ctx.needs_input_grad[-len(spectra):])
         g2 = grad_y.reshape(-1, plan.d_out)
         grad_x = grad_c = None
         # rfft(dL/dy) once, for the input gradient's map and the spectrum gradient's products
@@ -132,8 +157,7 @@ class _FourierFT(torch.autograd.Function):
                 grad_x = grad_y.new_zeros(x_shape, dtype=x_dtype)
         if need_c:
             grad_c = _spectrum_grads(x.reshape(-1, plan.d_in).to(cdtype), g_half, plan, spectra, scalings, slots, runs)
-        return (grad_x, None, None, None, None, None, None, None, None,
-                *(grad_c if grad_c is not None else [None] * len(spectra)))
+        return (None, grad_x, None, None, None, *(grad_c if grad_c is not None else [None] * len(spectra)))
 
 
 def _spectrum_grads(x2, g_half, plan, spectra, scalings, slots, runs) -> list[torch.Tensor]:
@@ -215,4 +239,5 @@ def fourierft_linear(x: torch.Tensor, spectra: Sequence[torch.Tensor], plans: Se
         merged = _merged_weight(weight, [p.weight for p in plans], spectra, scalings, transposed)
     token_plan = plans[0].tokens if slots is not None else concat_token_plans([p.tokens for p in plans])
     slots = None if slots is None else slots.to(torch.long)
-    return _FourierFT.apply(x, weight, bias, merged, token_plan, scalings, cdtype, slots, transposed, *spectra)
+    settings = OpSettings(token_plan, tuple(scalings), cdtype, slots, transposed)
+    return _FourierFT.apply(settings, x, weight, bias, merged, *spectra)
