@@ -352,3 +352,12 @@ def test_randomized_factors_equal_peft_when_the_spectrum_has_a_gap(method, tmp_p
     _, theirs = _peft_conversion(base, model, tmp_path, 8)
     (name, product), = _products(theirs).items()
     torch.testing.assert_close(_products(result[1])[name], product, atol=1e-4 * product.abs().max(), rtol=1e-3)
+
+
+def test_each_layer_is_logged(caplog):
+    _, model = _boft()
+    with caplog.at_level("INFO", logger="fourierft.lora_conversion"):
+        result = fourierft.convert_to_lora(model, 4, min_energy=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fourierft.lora_conversion"]
+    for row in result.report:
+        assert any(line.startswith(f"{row.name}: rank 4 keeps {100 * row.energy_kept:.1f}%") for line in lines)
