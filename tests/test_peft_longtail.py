@@ -228,6 +228,7 @@ FSDP_CASES = for_both_methods([
         ("", lambda meth: {}),
         (", two layers", lambda meth: {"target_modules": ["lin0", "lin1"]}),
         (", bias='all'", lambda meth: {"bias": "all"}),
+        (", two layers, bias='all'", lambda meth: {"target_modules": ["lin0", "lin1"], "bias": "all"}),
         (", bias='<method>_only'", lambda meth: {"bias": "fourier_only" if meth == "fourierft" else "boft_only"}),
         (", modules_to_save", lambda meth: {"modules_to_save": ["lin1"]}),
         (", modules_to_save and bias='all'", lambda meth: {**_HEAD_AND_BIAS, "bias": "all"}),

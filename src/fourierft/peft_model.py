@@ -310,13 +310,18 @@ class PeftModel(PlansFollowMoves, nn.Module):
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
-                        **kwargs: Any) -> "PeftModel":
+                        strict_adapter_check: str = "warn", **kwargs: Any) -> "PeftModel":
         """Load an adapter saved by ``fourierft`` or ``peft`` (a folder or a Hub repo id) onto ``model``.
+
+        ``strict_adapter_check`` (PEFT 0.22) is checked to be ``"warn"``, ``"error"`` or ``"ignore"``; whichever
+        it is, a file whose adapter keys do not fit the model is refused (:class:`CheckpointError`), because a
+        partly loaded adapter gives wrong outputs.
 
         Raises:
             FileNotFoundError: No adapter config or weights.
             CheckpointError: The weights do not fit the model; ``model`` is then returned to its state.
         """
+        _check_strict_adapter_check(strict_adapter_check)
         config = copy.deepcopy(load_config(model_id, config, **kwargs))  # the caller's config stays as it is
         config.inference_mode = not is_trainable
         _warn_ephemeral_gpu_offload(ephemeral_gpu_offload)
@@ -338,10 +343,13 @@ class PeftModel(PlansFollowMoves, nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
-                     key_mapping: Optional[dict] = None, **kwargs: Any) -> LoadResult:
+                     key_mapping: Optional[dict] = None, strict_adapter_check: str = "warn",
+                     **kwargs: Any) -> LoadResult:
         """Load an adapter file as adapter ``adapter_name`` (not activated).
 
         A new name adds the adapter. An existing name reloads its weights in place, as PEFT does (for
+        ``strict_adapter_check`` is accepted as in :meth:`from_pretrained`: a file that does not fit is refused.
+
         example to go back to a checkpoint); the file's config must then equal the adapter's, apart from
         bookkeeping fields (``inference_mode``, ``peft_version``, ``base_model_name_or_path``, ``revision``).
 
@@ -354,6 +362,7 @@ class PeftModel(PlansFollowMoves, nn.Module):
             ValueError: The file's config differs from the existing adapter's.
         """
         _warn_ephemeral_gpu_offload(ephemeral_gpu_offload)
+        _check_strict_adapter_check(strict_adapter_check)
         config = copy.deepcopy(load_config(model_id, kwargs.pop("config", None), **kwargs))
         config.inference_mode = not is_trainable
         weights = _read_weights(model_id, config, key_mapping, **kwargs)
@@ -408,6 +417,11 @@ class PeftModel(PlansFollowMoves, nn.Module):
 def _warn_ephemeral_gpu_offload(ephemeral_gpu_offload: bool) -> None:
     if ephemeral_gpu_offload:
         warnings.warn("ephemeral_gpu_offload=True is ignored: fourierft loads adapter weights where the model's "
+def _check_strict_adapter_check(value: object) -> None:
+    if value not in ("warn", "error", "ignore"):
+        raise ValueError(f"strict_adapter_check must be one of 'warn', 'error' or 'ignore', got {value!r}")
+
+
                       "adapter tensors are and has no temporary GPU offload", UserWarning, stacklevel=3)
 
 
@@ -426,16 +440,18 @@ def _read_weights(model_id: str, config: PeftConfig, key_mapping: Optional[dict]
 
 
 class PeftModelForSequenceClassification(PeftModel):
-    """Sequence classification; the head (``classifier`` or ``score``) is trained and saved in full."""
+    """Sequence classification; the head (``classifier``, ``score``, and DistilBERT's ``pre_classifier``) is
+    trained and saved in full (PEFT 0.22's list)."""
 
-    task_modules_to_save = ("classifier", "score")
+    task_modules_to_save = ("classifier", "score", "pre_classifier")
     forward = delegating_forward("labels")
 
 
 class PeftModelForTokenClassification(PeftModel):
-    """Token classification; the head (``classifier`` or ``score``) is trained and saved in full."""
+    """Token classification; the head (``classifier``, ``score`` or ``pre_classifier``) is trained and saved in
+    full (PEFT 0.22's list)."""
 
-    task_modules_to_save = ("classifier", "score")
+    task_modules_to_save = ("classifier", "score", "pre_classifier")
     forward = delegating_forward("labels")
 
 

@@ -24,7 +24,8 @@ import logging
 import math
 import re
 import warnings
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -241,9 +242,12 @@ class FourierFTLayer(AdapterLayer):
         return plan if isinstance(plan, spectral.WeightPlan) else plan.weight
 
     @property
-    def indices(self) -> dict[str, torch.Tensor]:
-        """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter, on the CPU."""
-        return dict(self._positions)
+    def indices(self) -> Mapping[str, torch.Tensor]:
+        """PEFT's attribute: ``(2, n)`` frequency positions (rows, columns) per adapter, on the CPU.
+
+        A live read-only view: a reference taken earlier follows ``update_layer`` and ``delete_adapter``, as
+        PEFT's one dict does. It cannot be written to, since the plans are derived from these positions."""
+        return MappingProxyType(self._positions)
 
     def derived_tensors(self, adapter_name: str) -> list[torch.Tensor]:
         return [self._positions[adapter_name]]

@@ -22,6 +22,10 @@ from typing import Mapping, Optional
 
 import torch
 from torch import nn
+try:
+    from torch.distributed.tensor import distribute_tensor
+except ImportError:  # pragma: no cover - a torch build without distributed support has no DTensor either
+    distribute_tensor = None
 
 from ..contract import legacy_ignored_suffixes
 from ..layer import AdapterLayer
@@ -98,11 +102,11 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
                 inner = "base_layer." * _depth(module)
                 mapping[f"{full}.{inner}bias"] = (f"{full}.{inner}bias", False)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for k in module.modules_to_save[adapter_name].state_dict():
+            for k in _state_keys(module.modules_to_save[adapter_name]):
                 mapping[f"{full}.{k}"] = (f"{full}.modules_to_save.{adapter_name}.{k}", True)
     if config.bias == "all":  # PEFT saves every bias key, wrapper copies included, adapter name stripped
         own = f".modules_to_save.{adapter_name}."
-        for key in root.state_dict():
+        for key in _state_keys(root):
             if not (key == "bias" or key.endswith(".bias")):
                 continue
             if ".modules_to_save." in key and own not in key:
@@ -111,16 +115,39 @@ def adapter_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str,
     return mapping
 
 
-#: Infixes torch's wrappers (FSDP1, activation checkpointing) add to module paths and leave out of state dicts.
-_WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+#: Path components torch's wrappers (FSDP1, activation checkpointing) add to module paths and leave out of
+#: state dicts.
+_WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _state_dict_name(path: str) -> str:
+    """A module or tensor path under the name state dicts use (the wrappers' components removed)."""
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_NAMES)
 
 
 def _named_modules(root: nn.Module):
     """``root.named_modules()`` under the names the modules' state dicts use (wrapper infixes removed)."""
     for path, module in root.named_modules():
-        for infix in _WRAPPER_INFIXES:
-            path = path.replace(infix, "")
-        yield path, module
+        yield _state_dict_name(path), module
+
+
+def _named_tensors(model: nn.Module, buffers: bool = False) -> dict[str, tuple[str, torch.Tensor]]:
+    """``state-dict name -> (attribute path, tensor)`` of the model's parameters (and buffers): the two names
+    differ inside torch's wrappers (``checkpoint_wrapper``, FSDP1), whose state dicts drop their infix."""
+    named = list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
+    return {_state_dict_name(path): (path, tensor) for path, tensor in named}
+
+
+def _state_keys(module: nn.Module) -> list[str]:
+    """The keys of ``module.state_dict()`` without calling it: on a module nested inside an FSDP1 model, that
+    call would initialise FSDP's state as if the module were the root, breaking the model's own state dict."""
+    keys = []
+    for path, sub in _named_modules(module):
+        skip = getattr(sub, "_non_persistent_buffers_set", ())  # torch's record of persistent=False buffers
+        names = [n for n, p in sub.named_parameters(recurse=False)]
+        names += [n for n, b in sub.named_buffers(recurse=False) if n not in skip]
+        keys += [f"{path}.{n}" if path else n for n in names]
+    return keys
 
 
 def _depth(layer: AdapterLayer) -> int:
@@ -151,7 +178,7 @@ def get_peft_model_state_dict(
     if unwrap_compiled:  # torch.compile's wrapper keeps the module as ``_orig_mod``, its only handle to it
         model = getattr(model, "_orig_mod", model)
     mapping = adapter_key_map(model, adapter_name)
-    own = dict(model.named_parameters())
+    own = {key: tensor for key, (_, tensor) in _named_tensors(model).items()}
     if state_dict is not None:
         return _collect(state_dict, mapping, own, clone=False)
     with gathered(own.get(model_key) for model_key, _ in mapping.values()):  # ZeRO-3: every rank takes part
@@ -222,8 +249,8 @@ def set_peft_model_state_dict(
     _, prefix = tuner_root(model)
     sd = normalise_prefix(dict(peft_model_state_dict), prefix)
     mapping = adapter_key_map(model, adapter_name)
-    targets = dict(model.named_parameters())
-    targets.update(dict(model.named_buffers()))
+    named = _named_tensors(model, buffers=True)
+    targets = {key: tensor for key, (_, tensor) in named.items()}
     result, writes, problems = LoadResult(), [], []
     for key, value in sd.items():
         model_key = mapping[key][0] if key in mapping else (key if key in targets else None)
@@ -268,7 +295,7 @@ def set_peft_model_state_dict(
     if broken:
         logger.warning("The adapter file holds NaN or Inf values in %s; outputs will not be finite", broken)
     with gathered((targets[k] for k, _ in writes), modify=True):  # ZeRO-3: every rank loads, rank 0's values kept
-        _write(model, writes, low_cpu_mem_usage)
+        _write(model, [(named[key][0], value) for key, value in writes], low_cpu_mem_usage)
     if result.missing_keys:
         logger.warning("Found missing optional adapter keys while loading the checkpoint: %s", result.missing_keys)
     return result
@@ -280,6 +307,8 @@ def _write(model: nn.Module, writes: list[tuple[str, torch.Tensor]], assign: boo
             owner_name, _, attr = model_key.rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
             current = getattr(owner, attr)
+            if hasattr(current, "device_mesh") and not hasattr(value, "device_mesh"):  # an FSDP2 shard (DTensor)
+                value = distribute_tensor(value.to(current.device), current.device_mesh, current.placements)
             if assign or current.device.type == "meta":
                 new = value.to(dtype=current.dtype)
                 if isinstance(current, nn.Parameter):
