@@ -414,14 +414,14 @@ class PeftModel(PlansFollowMoves, nn.Module):
         )
 
 
-def _warn_ephemeral_gpu_offload(ephemeral_gpu_offload: bool) -> None:
-    if ephemeral_gpu_offload:
-        warnings.warn("ephemeral_gpu_offload=True is ignored: fourierft loads adapter weights where the model's "
 def _check_strict_adapter_check(value: object) -> None:
     if value not in ("warn", "error", "ignore"):
         raise ValueError(f"strict_adapter_check must be one of 'warn', 'error' or 'ignore', got {value!r}")
 
 
+def _warn_ephemeral_gpu_offload(ephemeral_gpu_offload: bool) -> None:
+    if ephemeral_gpu_offload:
+        warnings.warn("ephemeral_gpu_offload=True is ignored: fourierft loads adapter weights where the model's "
                       "adapter tensors are and has no temporary GPU offload", UserWarning, stacklevel=3)
 
 
