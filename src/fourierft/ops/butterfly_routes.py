@@ -99,12 +99,14 @@ def _counts(tokens, n, m, width, group, grad) -> dict[str, tuple[float, float, f
     gathers = 0 if m == 1 else m + 1
     slow = lambda w: 1 + _NARROW / w  # noqa: E731  narrow batched matmuls are slower per multiply-add
     factor_macs = flops * m * n * group
+    # factors works on z^T: the transposes are views (the bmms read strided slabs, the base GEMM takes the
+    # transposed result as it is), so only the gathers move T x n elements
     out = {"factors": (tokens * factor_macs * slow(group), tokens * factor_macs,
-                       passes * tokens * n * (2 + gathers), passes * (3 * m + 2))}
-    if width:
+                       passes * (tokens * n * gathers + n * group), passes * (3 * m + 2))}
+    if width:  # one bmm on a strided (K, T, L) view, then one copy back to (T, n)
         build = (m - 1) * n * width * (width if width <= 64 else group)
         macs = flops * (tokens * n * width + build)
-        out["fused"] = (macs * slow(width), macs, passes * (2 * tokens * n + n * width), passes * (m + 3))
+        out["fused"] = (macs * slow(width), macs, passes * (tokens * n + n * width), passes * (m + 3))
     dense = flops * tokens * n * n
     out["dense"] = (n * factor_macs * slow(group) + dense, n * factor_macs + dense,
                     passes * n * n * (2 + gathers), passes * (3 * m + 4))
