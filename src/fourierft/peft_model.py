@@ -70,7 +70,7 @@ class PeftModel(PlansFollowMoves, nn.Module):
         tuner_cls = tuner_class(peft_config)
         self._adapters_disabled = False
         self.base_model = tuner_cls(model, {adapter_name: self._with_task_modules(peft_config)}, adapter_name,
-                                    low_cpu_mem_usage, autocast_adapter_dtype)
+                                    low_cpu_mem_usage=low_cpu_mem_usage, autocast_adapter_dtype=autocast_adapter_dtype)
         flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
             "is_gradient_checkpointing"
         if getattr(model, flag, False):
@@ -184,7 +184,7 @@ class PeftModel(PlansFollowMoves, nn.Module):
             raise ValueError(f"Adapter with name {adapter_name} already exists.")
         tuner_class(peft_config)
         self.base_model.inject_adapter(self.base_model.model, adapter_name, self._with_task_modules(peft_config),
-                                       autocast_adapter_dtype, low_cpu_mem_usage)
+                                       autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the single active adapter (trainable unless ``inference_mode``)."""
@@ -328,9 +328,10 @@ class PeftModel(PlansFollowMoves, nn.Module):
         weights = _read_weights(model_id, config, key_mapping, **kwargs)  # before touching the model
         target_cls = TASK_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            peft_model._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
+            peft_model._load_weights(weights, adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         except BaseException:
             peft_model.base_model.restore_base_model()
             for p, flag in flags:
@@ -369,9 +370,11 @@ class PeftModel(PlansFollowMoves, nn.Module):
         if adapter_name in self.peft_config:
             result = self._reload_weights(weights, adapter_name, config, **kwargs)
         else:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                             autocast_adapter_dtype=autocast_adapter_dtype)
             try:
-                result = self._load_weights(weights, adapter_name, low_cpu_mem_usage, config, **kwargs)
+                result = self._load_weights(weights, adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                            **kwargs)
             except BaseException:
                 self.base_model.delete_adapter(adapter_name)
                 raise
@@ -397,14 +400,14 @@ class PeftModel(PlansFollowMoves, nn.Module):
         mine = list(self.base_model.adapter_tensors([adapter_name]))
         saved = [t.detach().clone() for t in mine]
         try:
-            return self._load_weights(weights, adapter_name, False, config, **kwargs)
+            return self._load_weights(weights, adapter_name, config, low_cpu_mem_usage=False, **kwargs)
         except BaseException:
             with torch.no_grad():
                 for t, old_value in zip(mine, saved):
                     t.copy_(old_value)
             raise
 
-    def _load_weights(self, weights: tuple[dict, dict], adapter_name: str, low_cpu_mem_usage: bool, config,
+    def _load_weights(self, weights: tuple[dict, dict], adapter_name: str, config, *, low_cpu_mem_usage: bool,
                       **kwargs):
         tensors, metadata = weights
         return set_peft_model_state_dict(
@@ -511,7 +514,8 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if revision is not None:
         peft_config.revision = revision
     cls = TASK_CLASSES.get(peft_config.task_type, PeftModel)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
@@ -528,6 +532,6 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         paths = {k.split(marker)[0] for k in state_dict if marker in k}
         peft_config.target_modules = {p[len(PEFT_PREFIX):] if p.startswith(PEFT_PREFIX) else p
                                       for p in paths}
-    tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage)
+    tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     return tuner.model
 

@@ -120,6 +120,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         peft_config,
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
+        *,
         autocast_adapter_dtype: bool = True,
         state_dict: Optional[dict] = None,
     ) -> None:
@@ -133,7 +134,8 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
             for name, config in configs.items():
-                self.inject_adapter(self.model, name, config, autocast_adapter_dtype, low_cpu_mem_usage)
+                self.inject_adapter(self.model, name, config, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             self._remove_injected(list(self.peft_config))  # all-or-nothing over several configs too
             for p, flag in flags:
@@ -324,6 +326,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
         model: nn.Module,
         adapter_name: str,
         config,
+        *,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
