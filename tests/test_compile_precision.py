@@ -135,6 +135,10 @@ def test_compiled_training_and_eval_match_eager(compiled_runs, method):
     check_matches_eager(compiled_runs(method, "aot_eager"))
 
 
+# Inductor warns once per process that it cannot generate code for complex operators: FourierFT's spectral route
+# takes complex FFTs, which inductor hands to the same kernels eager mode calls (docs/performance.md says so to
+# users). The test checks the numbers, not that warning.
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex operators:UserWarning")
 @pytest.mark.parametrize("method", METHODS)
 def test_inductor_training_and_eval_match_eager(compiled_runs, method):
     check_matches_eager(compiled_runs(method, "inductor"))

@@ -512,7 +512,7 @@ def bench_spectral_op(data: dict, name: str = "spectral_op") -> str:
             ys = [by[d, t, method]["vs_frozen"] - 1 if (d, t, method) in by else np.nan for t in tokens]
             ys = [y if y > 0 else np.nan for y in ys]  # within the noise of the frozen layer: no point on a log axis
             color, style = SPECTRAL_STYLES[method]
-            ax.plot(tokens, ys, style, color=color, marker="o", ms=3, label=SPECTRAL_LABELS.get(method, method))
+            ax.plot(tokens, ys, style, color=color, marker="o", ms=5, label=SPECTRAL_LABELS.get(method, method))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"d = {d}")

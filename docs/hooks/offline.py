@@ -21,7 +21,7 @@ from pygments.formatters import HtmlFormatter
 
 #: The theme caps the text column at 800 px and keeps every table cell on one line, so at 1280 px a quarter of
 #: the window stays empty while a table's last columns hide behind a scrollbar. Use the window's width (up to a
-#: readable line length) and let cells wrap.
+#: readable line length), and let table cells and long code lines wrap instead of scrolling out of sight.
 LAYOUT_CSS = """
 .wy-nav-content { max-width: 1200px; }
 .wy-table-responsive table td, .wy-table-responsive table th,
@@ -30,6 +30,7 @@ LAYOUT_CSS = """
 }
 .rst-content table.docutils td, .rst-content table.docutils th { padding: 6px 10px; }
 .rst-content img { max-width: 100%; height: auto; }
+.rst-content pre, .rst-content pre code { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 _INLINE = re.compile(r'<span class="arithmatex">\\\((.*?)\\\)</span>', re.S)

@@ -1,4 +1,5 @@
-"""TRL's trainers for fourierft models, under TRL's own names (``pip install fourierft[trl]``).
+"""TRL's trainers for fourierft models, under TRL's own names (``pip install -e ".[trl]"`` from a clone,
+``pip install "fourierft[trl]"`` from a package index).
 
 A script written for peft and TRL runs after changing its imports::
 
