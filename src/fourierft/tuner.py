@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import re
 import warnings
 from typing import ClassVar, Iterable, Iterator, Optional
@@ -529,6 +530,43 @@ class AdapterModel(PlansFollowMoves, nn.Module):
             self.active_adapter = []
             for _, layer in self.adapter_layers():
                 layer.set_adapter([])
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", **kwargs) -> None:
+        """Add ``adapter_name`` whose weight change is ``sum(w * dW)`` of ``adapters``, exactly, or refuse.
+
+        The method decides through :meth:`combine_weighted` (FourierFT: adapters sharing frequency positions;
+        see :mod:`fourierft.methods.weighted`). The new adapter is inactive, as in PEFT. Unlike PEFT's LoRA
+        ``"linear"`` (which sums the A and B factors separately), the result is the exact weighted sum.
+
+        Raises:
+            ValueError: Unknown or existing names, weights that are not finite numbers (one per adapter), a
+                ``combination_type`` other than ``"linear"``, or adapters with no exact combination (the message
+                says what works instead); the model is then unchanged.
+        """
+        names = _names(adapters)
+        if not names or len(set(names) - set(self.peft_config)):
+            raise ValueError(f"adapters must name existing adapters, got {adapters!r} (known: {sorted(self.peft_config)})")
+        if isinstance(weights, (str, bytes)) or len(list(weights)) != len(names) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be one finite number per adapter ({len(names)}), got {weights!r}")
+        if combination_type != "linear":
+            raise ValueError(
+                f"combination_type={combination_type!r} is not supported: only 'linear', the exact weighted sum of the "
+                "adapters' weight changes. For peft's other combinations, convert the adapters to LoRA "
+                "(fourierft.convert_to_lora) and use peft's add_weighted_adapter")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name} already exists.")
+        check_adapter_name(adapter_name)
+        self.combine_weighted(names, [float(w) for w in weights], adapter_name)
+
+    def combine_weighted(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Method hook of :meth:`add_weighted_adapter` (inputs checked): by default no exact form exists."""
+        raise ValueError(
+            f"{type(self).__name__} cannot combine adapters exactly: a weighted sum of {self.peft_type} weight changes "
+            "is not itself such an adapter. Convert each adapter to LoRA first (fourierft.convert_to_lora or "
+            "save_as_lora) and combine the LoRA adapters with peft's add_weighted_adapter(..., "
+            "combination_type='cat'), the exact weighted sum of their weight changes.")
 
     def enable_adapter_layers(self) -> None:
         """Turn every adapter layer and modules_to_save copy back on."""

@@ -39,6 +39,7 @@ from ..ops import _native, spectral
 from ..ops._placement import on_real_cpu, place
 from ..ops.spectral_op import fourierft_linear
 from ..tuner import AdapterModel
+from .weighted import combine_fourierft
 
 logger = logging.getLogger(__name__)
 
@@ -419,6 +420,8 @@ class FourierFTModel(AdapterModel):
     linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
     target_types = linear_types + (nn.Conv2d, nn.Embedding)
     default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
+    #: ``add_weighted_adapter``: exact for adapters sharing frequency positions (:mod:`.weighted`).
+    combine_weighted = combine_fourierft
 
     @classmethod
     def hotswap_padded_config(cls, config: FourierFTConfig, *, target_n_frequency: Optional[int] = None,
