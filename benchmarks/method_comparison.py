@@ -7,7 +7,7 @@ code (six templates, one and two steps; a held-out test split whose questions ne
 as GSM8K is, by exact match of the last number of the greedy answer. Each row trains ``--steps`` steps of
 ``--batch-size`` problems (loss on the answer tokens), AdamW with a cosine schedule and 10% warm-up, one
 torch thread, each row in its own process, two rows at a time (``--jobs``: one per core). The default budget
-(120 steps of 8, 120 test problems) took 7-11 minutes a row (414-610 s of training) on an otherwise idle 2-core
+(120 steps of 8, 120 test problems) took 7-11 minutes a row (413-610 s of training) on an otherwise idle 2-core
 machine, 46 minutes for all 11 rows; on a busy one it takes several times longer (wall time is measured, so
 compare rows of one run only).
 
