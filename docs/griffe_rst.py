@@ -46,6 +46,8 @@ def _math_blocks(text: str) -> str:
         while body and not body[-1].strip():
             body.pop()
         depth = min((_indent(b) for b in body if b.strip()), default=0)
+        if len(prefix) < 4:  # inside a reST list item: Markdown would not see a block there, so a display block
+            prefix = ""
         out += ["", prefix + "$$"] + [prefix + b[depth:] for b in body if b.strip()] + [prefix + "$$", ""]
     return "\n".join(out)
 
