@@ -12,9 +12,11 @@ The decision reads only what the op is given: device type, token count, ``n``, `
 widths and whether gradients are needed; it never depends on a cache, so gradient checkpointing's
 recomputation takes the path of the first forward.
 
-**CPU**: constants set from ``benchmarks/bench_butterfly_op.py``'s forced-path runs on the project's 2-core
-AMD EPYC build machine (torch 2.13, MKL): small batched matmuls run at about a third of a large GEMM's rate
-per multiply-add, which is what keeps ``"fused"`` ahead up to ``L = 256`` and ``"factors"`` beyond.
+**CPU**: GEMM and copy rates of a 2-core AMD EPYC machine (torch 2.13, MKL), with small batched
+matmuls at ``1 / (1 + 64 / w)`` of the GEMM rate per multiply-add; set so that the rule reproduces the
+crossovers measured there with ``benchmarks/bench_butterfly_op.py`` (the fused blocks pay off up to
+``L = 256``, factor by factor beyond; no copy for ``m = 1``), not fitted point by point: ``--route`` forces
+each path to check it.
 
 **CUDA and every other device**: written from operation counts and bytes moved, not measured: GEMM work at
 the tensor-core rate, gathers, copies and block building at memory bandwidth, plus a launch cost per kernel
@@ -104,9 +106,11 @@ def _counts(tokens, n, m, width, group, grad) -> dict[str, tuple[float, float, f
     out = {"factors": (tokens * factor_macs * slow(group), tokens * factor_macs,
                        passes * (tokens * n * gathers + n * group), passes * (3 * m + 2))}
     if width:  # one bmm on a strided (K, T, L) view, then one copy back to (T, n)
-        build = (m - 1) * n * width * (width if width <= 64 else group)
+        chain = width <= 64  # blocks from a chain of m - 1 bmms, wider ones by rotating the tiled identity
+        build = (m - 1) * n * width * width if chain else m * n * width * group
         macs = flops * (tokens * n * width + build)
-        out["fused"] = (macs * slow(width), macs, passes * (tokens * n + n * width), passes * (m + 3))
+        moved = tokens * n + n * width * (1 if chain else gathers + 1)
+        out["fused"] = (macs * slow(width), macs, passes * moved, passes * (m + 3 if chain else 3 * m + 4))
     dense = flops * tokens * n * n
     out["dense"] = (n * factor_macs * slow(group) + dense, n * factor_macs + dense,
                     passes * n * n * (2 + gathers), passes * (3 * m + 4))
