@@ -287,3 +287,37 @@ def _args_blocks_unbroken(source: str) -> bool:
                 elif interrupted and level == indent + 4 and entry.match(rest.strip()):
                     return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------- one owner each
+def test_one_rule_for_the_active_adapter_after_delete():
+    """Model, layers and ``modules_to_save`` wrappers follow one rule (``fourierft.layer.next_active``, PEFT's):
+    the remaining adapter whose name sorts first, not the first created. Checked at the model level and through
+    the functional ``delete_adapter`` (layers on their own, as diffusers components use it) against peft."""
+    import peft
+    import peft.functional
+
+    import fourierft.functional
+    from conftest import MLP
+
+    def build(lib):
+        torch.manual_seed(0)
+        config = lambda: lib.FourierFTConfig(target_modules=["lin0"], n_frequency=4, modules_to_save=["lin1"])  # noqa: E731
+        model = lib.get_peft_model(MLP(), config(), adapter_name="zeta")
+        model.add_adapter("beta", config())
+        model.add_adapter("alpha", config())
+        return model
+
+    ours, theirs = build(fourierft), build(peft)
+    for model in (ours, theirs):
+        model.delete_adapter("zeta")
+    assert ours.active_adapters == theirs.active_adapters == ["alpha"]
+    assert ours.base_model.model.lin0.active_adapters == ["alpha"]
+    assert ours.base_model.model.lin1.active_adapter == "alpha"
+
+    ours, theirs = build(fourierft), build(peft)
+    got = fourierft.functional.delete_adapter(ours.base_model.model, "zeta", prefix="fourierft_")
+    want = peft.functional.delete_adapter(theirs.base_model.model, "zeta", prefix="fourierft_")
+    assert got == want == ["alpha"]
+    assert ours.base_model.model.lin0.active_adapters == theirs.base_model.model.lin0.active_adapters
+    assert ours.base_model.model.lin1.active_adapter == "alpha"

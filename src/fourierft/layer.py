@@ -45,6 +45,20 @@ def has_hooks(module: nn.Module) -> bool:
     return "forward" in module.__dict__ or hasattr(module, "_hf_hook")
 
 
+def next_active(active: Sequence[str], deleted: str, remaining: Sequence[str]) -> list[str]:
+    """The one rule for the active adapters after ``deleted`` is deleted, used by layers, ``modules_to_save``
+    wrappers and tuners alike: the other active adapters stay active; if none is left, the remaining adapter
+    whose name sorts first takes over (PEFT's rule); with no adapter left, none is active.
+
+    Args:
+        active: The active adapters before the deletion.
+        deleted: The deleted adapter.
+        remaining: The adapters left.
+    """
+    still = [name for name in active if name != deleted]
+    return still or sorted(remaining)[:1]
+
+
 class AdapterLayer(nn.Module):
     """Base class of every adapted layer (see the module docstring for the method contract)."""
 
@@ -134,18 +148,17 @@ class AdapterLayer(nn.Module):
         self._disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``'s tensors; the remaining adapters stay as they are."""
+        """Remove ``adapter_name``'s tensors; the active adapters follow :func:`next_active`."""
         for attr in self.adapter_layer_names + self.other_param_names:
             store = getattr(self, attr)
             if adapter_name in store:
                 del store[adapter_name]
         if adapter_name in self._active_adapters:
-            self._active_adapters.remove(adapter_name)
-            if not self._active_adapters and self.adapter_names():
-                new_active = self.adapter_names()[0]
+            new_active = next_active(self._active_adapters, adapter_name, self.adapter_names())
+            if new_active and self._active_adapters == [adapter_name]:  # a fallback took over
                 warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{new_active}.")
-                self._active_adapters = [new_active]
+                              f"{new_active[0]}.")
+            self._active_adapters = new_active
 
     # ------------------------------------------------------------------ merging
     def _to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .layer import next_active
 from .mixed_batch import sample_groups
 
 
@@ -98,8 +99,8 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
         if self._active_adapter == adapter_name:
-            remaining = list(self.modules_to_save.keys())
-            self._active_adapter = remaining[0] if remaining else None
+            new_active = next_active([adapter_name], adapter_name, list(self.modules_to_save.keys()))
+            self._active_adapter = new_active[0] if new_active else None
 
     def forward(self, *args, **kwargs):
         if self.sample_adapters is None or self._disable_adapters or not args:

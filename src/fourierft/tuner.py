@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quantized
-from .layer import AdapterLayer
+from .layer import AdapterLayer, next_active
 from .mixed_batch import BASE_ADAPTER_NAME, SampleAdapters
 from .modules_to_save import ModulesToSaveWrapper
 from .partitioned import check_gatherable, gathered
@@ -505,7 +505,8 @@ class AdapterModel(PlansFollowMoves, nn.Module):
             p.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; if it was active the first remaining (sorted) name takes over.
+        """Remove an adapter everywhere; if it was the only active one, the remaining name that sorts first takes
+        over (:func:`~fourierft.layer.next_active`, the one rule layers and ``modules_to_save`` wrappers follow too).
 
         Raises:
             ValueError: Unknown name, or the adapter is merged (nothing is changed).
@@ -521,9 +522,7 @@ class AdapterModel(PlansFollowMoves, nn.Module):
             layer.delete_adapter(adapter_name)
         for w in self._wrappers():
             w.delete_adapter(adapter_name)
-        remaining = [n for n in self.active_adapters if n != adapter_name]
-        if not remaining and self.peft_config:
-            remaining = [sorted(self.peft_config)[0]]
+        remaining = next_active(self.active_adapters, adapter_name, list(self.peft_config))
         if remaining:
             self.set_adapter(remaining)
         else:
