@@ -239,16 +239,33 @@ def test_bug9_trainer_docstrings_count_the_hooks_and_keep_args_whole():
 
 
 def test_bug9_no_layer_registry_shared_with_subclasses():
-    """``extra_layer_classes`` was a mutable class dict a subclass's ``register_layer`` wrote into; the several
-    layer types of a method are now chosen by its ``layer_class_for`` alone."""
+    """``extra_layer_classes`` was a mutable class dict: a subclass's ``register_layer`` wrote into its parent's.
+    Now ``layer_classes`` is a tuple a registering subclass copies, and ``layer_class_for`` is the core's one
+    lookup (no method overrides it)."""
+    from fourierft.methods.boft import BOFTModel
     from fourierft.methods.fourierft import FourierFTModel
+    from fourierft.tuner import AdapterModel
 
-    assert not hasattr(FourierFTModel, "extra_layer_classes") and not hasattr(FourierFTModel, "register_layer")
-    for base, layer_class in ((nn.Conv2d(2, 2, 1), fourierft.FourierFTConv2d),
-                              (nn.Embedding(3, 2), fourierft.FourierFTEmbedding),
-                              (nn.Linear(2, 2), fourierft.FourierFTLinear)):
-        assert FourierFTModel.layer_class_for(base) is layer_class
-        assert isinstance(base, FourierFTModel.target_types)
+    class Marker(nn.Module):
+        pass
+
+    class Sub(FourierFTModel):
+        pass
+
+    before = (FourierFTModel.layer_classes, FourierFTModel.target_types)
+    Sub.register_layer(Marker, fourierft.FourierFTEmbedding)
+    assert Sub.layer_class_for(Marker()) is fourierft.FourierFTEmbedding
+    assert (FourierFTModel.layer_classes, FourierFTModel.target_types) == before  # the parent is untouched
+    assert FourierFTModel.layer_class_for(Marker()) is fourierft.FourierFTLinear
+    for tuner, base, layer_class in ((FourierFTModel, nn.Conv2d(2, 2, 1), fourierft.FourierFTConv2d),
+                                     (FourierFTModel, nn.Embedding(3, 2), fourierft.FourierFTEmbedding),
+                                     (FourierFTModel, nn.Linear(2, 2), fourierft.FourierFTLinear),
+                                     (BOFTModel, nn.Conv2d(4, 4, 1), fourierft.BOFTConv2d),
+                                     (BOFTModel, nn.Linear(4, 4), fourierft.BOFTLinear)):
+        assert tuner.layer_class_for(base) is layer_class
+        assert isinstance(base, tuner.target_types)
+        assert "layer_class_for" not in vars(tuner)  # one mechanism: the declared pairs
+    assert isinstance(AdapterModel.layer_classes, tuple)
 
 
 def _identical_ternaries(source: str) -> list[str]:

@@ -119,7 +119,8 @@ class MethodTuner(Protocol):
     * ``layer_cls`` and ``target_types``: the adapter layer class and the module types it wraps.
     * ``default_target_overrides``: ``{model_type: [names]}`` where the method's default targets differ
       from PEFT's table (optional).
-    * ``layer_class_for``: the layer class for one module, when there are several (optional).
+    * ``layer_classes``: ``(base type, layer class)`` pairs for module types ``layer_cls`` does not wrap
+      (optional; or :meth:`~fourierft.tuner.AdapterModel.register_layer` once the class exists).
     * ``config_from_weights``: adjust the model's copy of a loaded config to the weights file before
       injection, e.g. BOFT's factor count (optional).
     * ``hotswap_padded_config``: the adapter config grown to :func:`~fourierft.prepare_model_for_hotswap`'s
@@ -130,9 +131,7 @@ class MethodTuner(Protocol):
     prefix: ClassVar[str]
     target_types: ClassVar[tuple[type, ...]]
     default_target_overrides: ClassVar[dict]
-
-    @classmethod
-    def layer_class_for(cls, module: nn.Module) -> type: ...
+    layer_classes: ClassVar[tuple]
 
     @staticmethod
     def config_from_weights(config: Any, tensors: dict) -> None: ...

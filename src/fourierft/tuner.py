@@ -114,6 +114,9 @@ class AdapterModel(PlansFollowMoves, nn.Module):
     #: The types ``target_modules="all-linear"`` selects (default: ``target_types``).
     linear_types: ClassVar[tuple[type, ...]] = ()
     default_target_overrides: ClassVar[dict] = {}
+    #: ``(base type, adapter layer class)`` pairs for the modules :attr:`layer_cls` does not wrap, first match
+    #: wins: set it in the class body, or call :meth:`register_layer`. A tuple, never changed in place.
+    layer_classes: ClassVar[tuple[tuple[type, type[AdapterLayer]], ...]] = ()
 
     def __init__(
         self,
@@ -160,9 +163,21 @@ class AdapterModel(PlansFollowMoves, nn.Module):
                 setattr(parent, attr, module.base_layer if isinstance(module, AdapterLayer) else module.original_module)
 
     @classmethod
+    def register_layer(cls, base_type: type, layer_class: type[AdapterLayer]) -> None:
+        """Let this method wrap ``base_type`` modules with ``layer_class`` (``"all-linear"`` still means
+        ``linear_types``). The one way to give a method several layer classes, used where the layer class is
+        defined after the tuner (FourierFT's Conv2d and Embedding layers); a subclass that registers gets its
+        own :attr:`layer_classes` and leaves its parent's as it was."""
+        cls.layer_classes = (*cls.layer_classes, (base_type, layer_class))
+        if base_type not in cls.target_types:
+            cls.target_types = (*cls.target_types, base_type)
+
+    @classmethod
     def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
-        """The adapter layer class that wraps ``module`` (a method with several layer types overrides this)."""
-        return cls.layer_cls
+        """The adapter layer class that wraps ``module``: the first of :attr:`layer_classes` whose base type
+        ``module`` (or its base layer) is, else :attr:`layer_cls`."""
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        return next((layer for base_type, layer in cls.layer_classes if isinstance(base, base_type)), cls.layer_cls)
 
     @staticmethod
     def config_from_weights(config, tensors: dict) -> None:

@@ -352,6 +352,7 @@ class BOFTModel(AdapterModel):
     prefix = "boft_"
     layer_cls = BOFTLinear
     target_types = (nn.Linear, nn.Conv2d)
+    layer_classes = ((nn.Conv2d, BOFTConv2d),)
 
     @classmethod
     def hotswap_padded_config(cls, config: BOFTConfig, *, target_n_butterfly_factor=None, **others) -> BOFTConfig:
@@ -362,10 +363,6 @@ class BOFTModel(AdapterModel):
                              f"{sorted(others) or 'none'}")
         return dataclasses.replace(config, boft_n_butterfly_factor=target_n_butterfly_factor)
 
-    @classmethod
-    def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
-        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        return BOFTConv2d if isinstance(base, nn.Conv2d) else BOFTLinear
 
     @staticmethod
     def config_from_weights(config: BOFTConfig, tensors: dict[str, torch.Tensor]) -> None:

@@ -408,9 +408,6 @@ class FourierFTLinear(FourierFTLayer):
         return out
 
 
-from .fourierft_layers import FourierFTConv2d, FourierFTEmbedding  # noqa: E402  (they build on FourierFTLayer)
-
-
 class FourierFTModel(AdapterModel):
     """Injects :class:`FourierFTLinear` layers into a model (PEFT's ``FourierFTModel``); ``nn.Conv2d`` and
     ``nn.Embedding`` get the layers of :mod:`fourierft.methods.fourierft_layers`."""
@@ -418,7 +415,7 @@ class FourierFTModel(AdapterModel):
     prefix = "fourierft_"
     layer_cls = FourierFTLinear
     linear_types = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-    target_types = linear_types + (nn.Conv2d, nn.Embedding)
+    target_types = linear_types  # and the types fourierft_layers registers (register_layer)
     default_target_overrides = {"gpt2": ["mlp.c_proj"], "gpt_bigcode": ["mlp.c_proj"]}
     #: ``add_weighted_adapter``: exact for adapters sharing frequency positions (:mod:`.weighted`).
     combine_weighted = combine_fourierft
@@ -432,13 +429,6 @@ class FourierFTModel(AdapterModel):
         padded = copy.deepcopy(config)
         padded.n_frequency, padded.n_frequency_pattern = target_n_frequency, {}
         return padded
-
-    @classmethod
-    def layer_class_for(cls, module: nn.Module) -> type[AdapterLayer]:
-        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        if isinstance(base, nn.Conv2d):
-            return FourierFTConv2d
-        return FourierFTEmbedding if isinstance(base, nn.Embedding) else FourierFTLinear
 
 
 # The official GLUE and instruction-tuning scripts train the spectrum at 0.05 to 0.12 (scaling 29 to 300), far

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..layer import AdapterLayer, has_hooks
 from ..ops import spectral
-from .fourierft import FourierFTConfig, FourierFTLayer
+from .fourierft import FourierFTConfig, FourierFTLayer, FourierFTModel
 
 
 def _conv_shape(module: nn.Conv2d) -> tuple[int, int, bool]:
@@ -189,3 +189,6 @@ class FourierFTEmbedding(FourierFTLayer):
             out = out.index_add(0, index, self.embedding_delta(x[index], [name]).to(out.dtype))
         return out
 
+
+FourierFTModel.register_layer(nn.Conv2d, FourierFTConv2d)
+FourierFTModel.register_layer(nn.Embedding, FourierFTEmbedding)
