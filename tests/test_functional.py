@@ -85,7 +85,7 @@ METHODS = ["fourierft", "boft"]
 
 def test_names_and_signatures_match_peft():
     names = ["cast_adapter_dtype", "delete_adapter", "get_peft_model_state_dict", "inject_adapter_in_model",
-             "set_adapter", "set_peft_model_state_dict", "set_requires_grad"]
+             "set_adapter", "set_peft_model_state_dict", "set_requires_grad", "set_training"]
     assert sorted(PF.__all__) == names
     pairs = [(getattr(PF, n), getattr(F, n)) for n in names] + [
         (getattr(peft, n), getattr(F, n)) for n in ("load_peft_weights", "get_layer_status", "get_model_status",
@@ -163,6 +163,22 @@ def test_set_requires_grad_and_set_adapter_match_peft(base, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_set_training_matches_peft(base, method):
+    """peft 0.22's ``set_training``: the named adapters' ``modules_to_save`` copies switch mode, others keep theirs."""
+    theirs, mine = two_adapters(base, method)
+    modes = {}
+    for module, model in ((PF, theirs), (F, mine)):
+        model.train()
+        module.set_training(model, "default", training=False)
+        first = {n: m.training for n, m in model.named_modules() if ".modules_to_save." in n + "."}
+        module.set_training(model, ["default"], training=True)
+        modes[module.__name__] = first, {n: m.training for n, m in model.named_modules() if ".modules_to_save." in n + "."}
+    assert modes["peft.functional"] == modes["fourierft.functional"]
+    first, second = modes["fourierft.functional"]
+    assert not first["base_model.model.head.modules_to_save.default"] and all(second.values())
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_delete_adapter_matches_peft(base, method):
     theirs, mine = two_adapters(base, method)
     prefix = "fourierft_" if method == "fourierft" else "boft_"
@@ -229,3 +245,14 @@ def test_prepare_model_for_kbit_training_matches_peft(kbit):
     ids = torch.tensor([[1, 2, 3]])
     embedded = [m.get_input_embeddings()(ids).requires_grad for m in models]
     assert embedded == [kbit, kbit]
+
+
+def test_prepare_model_for_kbit_training_old_kwargs_name_as_peft(base):
+    """peft 0.22 renamed ``gradient_checkpointing_kwargs`` to ``activation_checkpointing_kwargs``: the old name
+    warns (FutureWarning) and giving both raises ValueError, in both libraries."""
+    for module in (peft, F):
+        with pytest.warns(FutureWarning, match="gradient_checkpointing_kwargs"):
+            module.prepare_model_for_kbit_training(copy.deepcopy(base), gradient_checkpointing_kwargs={"a": 1})
+        with pytest.raises(ValueError, match="activation_checkpointing_kwargs"):
+            module.prepare_model_for_kbit_training(copy.deepcopy(base), activation_checkpointing_kwargs={"a": 1},
+                                                   gradient_checkpointing_kwargs={"a": 1})

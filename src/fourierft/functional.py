@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "TunerLayerStatus", "TunerModelStatus", "cast_adapter_dtype", "delete_adapter", "get_layer_status",
     "get_model_status", "get_peft_model_state_dict", "inject_adapter_in_model", "load_peft_weights",
     "prepare_model_for_kbit_training", "set_adapter", "set_peft_model_state_dict", "set_requires_grad",
+    "set_training",
 ]
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -91,6 +93,25 @@ def set_requires_grad(model: nn.Module, adapter_names: Union[str, Sequence[str]]
             for name in names:
                 if name in module.modules_to_save:
                     module.modules_to_save[name].requires_grad_(requires_grad)
+
+
+def set_training(model: nn.Module, adapter_names: Union[str, Sequence[str]], training: bool = True) -> None:
+    """Put the given adapters' own submodules in training (or eval) mode (PEFT 0.22's ``set_training``).
+
+    These are the ``modules_to_save`` copies and any per-adapter ``nn.ModuleDict`` entry of an adapter layer.
+    FourierFT has none; BOFT's block dropout follows its layer's ``train()``/``eval()`` mode, since it is a rate
+    per adapter here rather than a dropout module.
+    """
+    names = _names(adapter_names)
+    for module in model.modules():
+        if not isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            continue
+        for attr in module.adapter_layer_names + module.other_param_names:
+            store = getattr(module, attr, None)
+            if isinstance(store, nn.ModuleDict):
+                for name in names:
+                    if name in store:
+                        store[name].train(training)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, prefix: str,
@@ -155,8 +176,9 @@ _QUANT_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: Optional[dict] = None,
-                                    auto_clear_cache: bool = True) -> nn.Module:
+                                    activation_checkpointing_kwargs: Optional[dict] = None,
+                                    auto_clear_cache: bool = True, *,
+                                    gradient_checkpointing_kwargs: Optional[dict] = None) -> nn.Module:
     """Get a (quantized) transformers model ready for adapter training, as PEFT's function does.
 
     Freezes every parameter; unless the model is quantized by GPTQ/AQLM/EETQ/torchao/HQQ, upcasts float16
@@ -166,8 +188,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     Args:
         model: A ``transformers.PreTrainedModel`` (any module for the freezing and casting).
         use_gradient_checkpointing: Enable gradient checkpointing on a quantized model.
-        gradient_checkpointing_kwargs: Passed to ``gradient_checkpointing_enable``.
+        activation_checkpointing_kwargs: Passed to ``gradient_checkpointing_enable`` (PEFT 0.22's name).
         auto_clear_cache: Empty the CUDA cache after upcasting.
+        gradient_checkpointing_kwargs: The older name of ``activation_checkpointing_kwargs``, deprecated as in
+            PEFT 0.22 (``FutureWarning``); giving both raises ``ValueError``.
 
     Returns:
         ``model``, changed in place.
@@ -176,7 +200,13 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     method = getattr(method, "value", method)
     other_quant = method in _QUANT_METHODS or getattr(model, "hqq_quantized", False)
     kbit = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    if gradient_checkpointing_kwargs and activation_checkpointing_kwargs:
+        raise ValueError("Pass activation_checkpointing_kwargs only: gradient_checkpointing_kwargs is its deprecated "
+                         "older name")
+    if gradient_checkpointing_kwargs:
+        warnings.warn("`gradient_checkpointing_kwargs` is deprecated; use `activation_checkpointing_kwargs` (PEFT "
+                      "0.22's name)", FutureWarning, stacklevel=2)
+    kwargs = dict(activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {})
     for param in model.parameters():
         param.requires_grad = False
     if not other_quant:
