@@ -111,7 +111,7 @@ def test_no_page_holds_a_table_wider_than_a_page_shows(figures):
 
 
 def test_the_table_writer_refuses_a_wider_table(figures):
-    with pytest.raises(ValueError, match="split it"):
+    with pytest.raises(figures.TableTooWide, match="split it"):
         figures.markdown_table([f"c{i}" for i in range(figures.MAX_TABLE_COLUMNS + 1)], [])
 
 

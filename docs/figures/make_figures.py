@@ -45,6 +45,10 @@ RC = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labels
 #: The widest table a page may hold: wider ones hide columns behind a scrollbar at 1280 px.
 MAX_TABLE_COLUMNS = 10
 
+
+class TableTooWide(Exception):
+    """A generated table has more than ``MAX_TABLE_COLUMNS`` columns: the script stops (a page would hide some)."""
+
 if str(ROOT / "src") not in sys.path:  # works from a checkout without `pip install -e .` too
     sys.path.insert(0, str(ROOT / "src"))
 
@@ -246,10 +250,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     """A Markdown table; columns holding only numbers are right-aligned.
 
     Raises:
-        ValueError: More than ``MAX_TABLE_COLUMNS`` columns (split the table instead).
+        TableTooWide: More than ``MAX_TABLE_COLUMNS`` columns (split the table instead); not caught below, so
+            the figures script and the docs build stop.
     """
     if len(header) > MAX_TABLE_COLUMNS:
-        raise ValueError(f"a table of {len(header)} columns is wider than a page shows ({MAX_TABLE_COLUMNS}): "
+        raise TableTooWide(f"a table of {len(header)} columns is wider than a page shows ({MAX_TABLE_COLUMNS}): "
                          f"split it ({', '.join(header)})")
     align = ["---:" if all(_numeric(row[i]) for row in rows) else "---" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
