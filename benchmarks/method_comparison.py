@@ -440,8 +440,9 @@ def plot(data: dict, path: str):
         ax.scatter(params, acc, color="tab:blue" if ours else "tab:gray", s=40, zorder=3 if ours else 2)
     ax.set_xscale("log")
     ax.set_ylim(-8, 100)
-    lo, hi = min(p for p, _ in points), max(p for p, _ in points)
-    ax.set_xlim(lo / 1.6, hi * 1.6)
+    if points:  # a run of the base model alone has none
+        lo, hi = min(p for p, _ in points), max(p for p, _ in points)
+        ax.set_xlim(lo / 1.6, hi * 1.6)
     ax.set_xlabel("trainable parameters", fontsize=11)
     ax.set_ylabel("test exact match after training (%)", fontsize=11)
     ax.tick_params(labelsize=10)

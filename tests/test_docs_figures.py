@@ -92,6 +92,14 @@ def test_crowded_points_get_separate_ordered_labels(mc, tmp_path):
     _check_labels(fig, labels, {(p, round(100 * a, 1)) for p, a in spots})
 
 
+def test_a_run_of_the_base_model_alone_still_draws(mc, tmp_path):
+    # each row's own process draws the plot of what the JSON holds so far, which may be the base model only
+    data = {"meta": {"steps": 2, "batch_size": 8}, "rows": {"base model": {"row": "base model", "params": 0,
+                                                                         "after": 0.0}}}
+    fig, labels = mc.plot(data, str(tmp_path / "base.png"))
+    assert labels == [] and (tmp_path / "base.png").is_file()
+
+
 def _tables(text: str) -> list[tuple[int, int]]:
     """``(line, columns)`` of each Markdown table's header row."""
     lines = text.splitlines()
