@@ -398,6 +398,7 @@ def test_no_dense_matrix_in_forward_or_backward(size, m, explicit, route):
 @pytest.mark.parametrize("chunk", [16, 1 << 18])
 def test_scale_output_matches_peft_formula(monkeypatch, with_bias, chunk):
     monkeypatch.setattr(butterfly_scale, "_SCALE_CHUNK", chunk)
+    monkeypatch.setattr(butterfly_scale, "_SINGLE_PASS", chunk * 4)  # 16: row chunks; 2**18: one pass
     gen = torch.Generator().manual_seed(5)
     y = torch.randn(4, 9, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     s = (torch.rand(7, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
