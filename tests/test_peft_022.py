@@ -344,3 +344,32 @@ def test_non_finite_merge_as_peft(method):
         quiet(model.merge_adapter)
         results[lib.__name__] = bool(torch.isfinite(layer.get_base_layer().weight).all())
     assert results == {"peft": False, "fourierft": False}
+
+
+class Shared(nn.Module):
+    """A module registered under two names, a tied weight and a non-persistent buffer: state-dict corner cases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1, self.norm = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+        self.again = self.norm
+        self.out = nn.Linear(8, 8)
+        self.out.weight = self.lin1.weight
+        self.register_buffer("scratch", torch.ones(1), persistent=False)
+
+    def forward(self, x):
+        return self.out(self.again(self.lin1(torch.relu(self.lin0(x)))))
+
+
+@pytest.mark.parametrize("method", ["fourierft", "boft"])
+def test_bias_all_keys_with_shared_modules_as_peft(method):
+    """``bias="all"`` keys come from the modules' state-dict names without calling ``state_dict`` on nested
+    modules: a shared module, a tied weight and a non-persistent buffer give peft 0.22's keys."""
+    keys = {}
+    for lib in LIBS:
+        torch.manual_seed(0)
+        model = quiet(lib.get_peft_model, Shared(), _config(lib, method, target_modules=["lin0"], bias="all",
+                                                            modules_to_save=["out"]))
+        keys[lib.__name__] = sorted(lib.get_peft_model_state_dict(model))
+    assert keys["peft"] == keys["fourierft"]
+    assert "base_model.model.again.bias" in keys["fourierft"]

@@ -142,12 +142,13 @@ def _state_keys(module: nn.Module) -> list[str]:
     """The keys of ``module.state_dict()`` without calling it: on a module nested inside an FSDP1 model, that
     call would initialise FSDP's state as if the module were the root, breaking the model's own state dict."""
     keys = []
-    for path, sub in _named_modules(module):
+    for path, sub in module.named_modules(remove_duplicate=False):  # a shared module is in the state dict twice
+        path = _state_dict_name(path)
         skip = getattr(sub, "_non_persistent_buffers_set", ())  # torch's record of persistent=False buffers
-        names = [n for n, p in sub.named_parameters(recurse=False)]
-        names += [n for n, b in sub.named_buffers(recurse=False) if n not in skip]
+        names = [n for n, p in sub.named_parameters(recurse=False, remove_duplicate=False)]
+        names += [n for n, b in sub.named_buffers(recurse=False, remove_duplicate=False) if n not in skip]
         keys += [f"{path}.{n}" if path else n for n in names]
-    return keys
+    return list(dict.fromkeys(keys))
 
 
 def _depth(layer: AdapterLayer) -> int:
