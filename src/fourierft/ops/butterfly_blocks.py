@@ -47,7 +47,7 @@ class _Cayley(torch.autograd.Function):
     def forward(ctx, r: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
         if known is None:
             eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-            known = 2.0 * _inverse(eye + 0.5 * (r - r.mT)) - eye
+            known = _inverse(torch.add(eye, r - r.mT, alpha=0.5)).mul_(2.0).sub_(eye)  # a fresh result: in place
         ctx.save_for_backward(known)
         return known
 
@@ -55,8 +55,8 @@ class _Cayley(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (q,) = ctx.saved_tensors
         a_inv_t = q.mT + torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-        grad_s = -0.5 * (a_inv_t @ grad @ a_inv_t)
-        return 0.5 * (grad_s - grad_s.mT), None
+        h = a_inv_t @ grad @ a_inv_t  # dL/dS = -h / 2, dL/dR = (dL/dS - dL/dS^T) / 2
+        return (h - h.mT).mul_(-0.25), None
 
 
 def cayley(r: torch.Tensor, *, known: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,7 +45,8 @@ def _factors(zt: torch.Tensor, q: torch.Tensor, gathers: Gathers, plan: Butterfl
     """``(z M)^T`` from ``z^T`` ``(n, T)``: column permutations become contiguous row gathers, and
     ``(z blockdiag(Q))^T = blockdiag(Q^T) z^T`` is a bmm on contiguous ``(K, w, T)`` slabs."""
     m, n, t, w = q.shape[0], plan.n, zt.shape[1], plan.group
-    factors = q.unbind(0)  # not q[i]: fake CUDA tensors index with an int only on a CUDA build
+    # not q[i]: fake CUDA tensors index with an int only on a CUDA build
+    factors = (q.reshape(q.shape[1:]),) if m == 1 else q.unbind(0)
     for step in range(m):
         if gathers[step] is not None:
             zt = _PermuteRows.apply(zt, *gathers[step])
@@ -56,7 +57,7 @@ def _factors(zt: torch.Tensor, q: torch.Tensor, gathers: Gathers, plan: Butterfl
 def rotate_by_factors(z: torch.Tensor, q: torch.Tensor, plan: ButterflyPlan, transpose: bool) -> torch.Tensor:
     """``z M`` (``z M^T`` if ``transpose``) factor by factor; returns a ``(T, n)`` view of its transpose."""
     # M^T = B_0^T ... B_{m-1}^T: the same algorithm with the factors reversed and the blocks transposed.
-    q = (q.flip(0).mT if transpose else q).to(z.dtype)
+    q = ((q.flip(0) if q.shape[0] > 1 else q).mT if transpose else q).to(z.dtype)
     return _factors(z.t(), q, plan.gathers[int(transpose)], plan).t()
 
 
