@@ -125,6 +125,8 @@ class MethodTuner(Protocol):
       injection, e.g. BOFT's factor count (optional).
     * ``hotswap_padded_config``: the adapter config grown to :func:`~fourierft.prepare_model_for_hotswap`'s
       targets (optional; default: the method has no padding).
+    * ``combine_weighted``: add an adapter whose weight change is exactly ``sum(w * dW)`` of existing ones, for
+      :meth:`~fourierft.tuner.AdapterModel.add_weighted_adapter` (optional; default: refused, no exact form).
     """
 
     peft_type: ClassVar[str]
@@ -138,6 +140,8 @@ class MethodTuner(Protocol):
 
     @classmethod
     def hotswap_padded_config(cls, config: Any, **targets: Any) -> Any: ...
+
+    def combine_weighted(self, adapters: list[str], weights: list[float], adapter_name: str) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
