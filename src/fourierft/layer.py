@@ -198,7 +198,7 @@ class AdapterLayer(nn.Module):
             snapshot = quantized.replace_weight(base, self.merged_weight(name, quantized.dense_weight(base)))
             if snapshot is not None:
                 self._premerge_weights[name] = snapshot
-            elif keep_original:
+            elif keep_original and quantized.quant_kind(base) is None:  # bitsandbytes keeps state beside .data
                 self._premerge_tensors[name] = original
             self.merged_adapters.append(name)
 
