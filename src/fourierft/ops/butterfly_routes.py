@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._context import bound
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ROUTES", "RotationChoice", "choose_rotation", "recording_routes", "rotation_costs"]
@@ -78,21 +80,15 @@ def _force_route(route: str):
     """Tests and benchmarks: inside the block the rotation takes ``route`` wherever it applies (not public API)."""
     if route not in ROUTES:
         raise ValueError(f"unknown BOFT route {route!r}: expected one of {ROUTES}")
-    token = _FORCED.set(route)
-    try:
+    with bound(_FORCED, route):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 @contextmanager
 def recording_routes(records: list):
     """Inside the block every BOFT rotation appends its :class:`RotationChoice` to ``records``."""
-    token = _RECORDS.set(records)
-    try:
+    with bound(_RECORDS, records):
         yield records
-    finally:
-        _RECORDS.reset(token)
 
 
 def _counts(tokens, n, m, width, group, grad) -> dict[str, tuple[float, float, float, int]]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _native
+from ._context import bound
 
 logger = logging.getLogger(__name__)
 
@@ -92,21 +93,15 @@ def _force_route(route: str):
     """Tests and benchmarks: inside the block the op takes ``route`` wherever it applies (not public API)."""
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}: expected one of {ROUTES}")
-    token = _FORCED.set(route)
-    try:
+    with bound(_FORCED, route):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 @contextmanager
 def recording_routes(records: list):
     """Inside the block every FourierFT op appends its :class:`RouteChoice` to ``records``."""
-    token = _RECORDS.set(records)
-    try:
+    with bound(_RECORDS, records):
         yield records
-    finally:
-        _RECORDS.reset(token)
 
 
 def _fft_points(d: int) -> float:
