@@ -24,6 +24,9 @@ import shutil
 import sys
 from typing import Optional
 
+from .lora_conversion import save_as_lora
+from .peft_model import PeftModel
+
 logger = logging.getLogger("fourierft.cli")
 
 CONFIG_NAME = "adapter_config.json"
@@ -203,8 +206,6 @@ def load_adapter_model(folder: str, base: Optional[str]):
                        f"{' and '.join(CONVERTIBLE)} adapters")
     shapes = tensor_shapes(weights_path(folder))
     base_dir = _base_folder(config, base)
-    import fourierft
-
     cls = _auto_class(config, base_dir)
     logger.info("Loading the base model %s from %s", cls.__name__, base_dir)
     try:
@@ -213,7 +214,7 @@ def load_adapter_model(folder: str, base: Optional[str]):
         raise CLIError(f"cannot load the base model from {base_dir}: {err}") from err
     logger.info("Loading the adapter from %s", folder)
     try:
-        return config, base_dir, fourierft.PeftModel.from_pretrained(model, folder)
+        return config, base_dir, PeftModel.from_pretrained(model, folder)
     except (ValueError, KeyError, RuntimeError) as err:  # CheckpointError is a ValueError
         raise CLIError(f"the adapter in {folder} does not fit the base model {base_dir}: {err}") from err
 
@@ -256,12 +257,10 @@ def _rank(text: str):
 
 
 def cmd_to_lora(args) -> None:
-    import fourierft
-
     _check_out(args.out_dir, args.adapter_dir)
     _, _, model = load_adapter_model(args.adapter_dir, args.base)
     try:
-        report = fourierft.save_as_lora(args.out_dir, model, args.rank, progressbar=True, svd=args.svd,
+        report = save_as_lora(args.out_dir, model, args.rank, progressbar=True, svd=args.svd,
                                         min_energy=args.min_energy)
     except (ValueError, TypeError) as err:
         raise CLIError(f"conversion refused: {err}") from err
