@@ -349,10 +349,10 @@ class PeftModel(PlansFollowMoves, nn.Module):
         """Load an adapter file as adapter ``adapter_name`` (not activated).
 
         A new name adds the adapter. An existing name reloads its weights in place, as PEFT does (for
-        ``strict_adapter_check`` is accepted as in :meth:`from_pretrained`: a file that does not fit is refused.
-
         example to go back to a checkpoint); the file's config must then equal the adapter's, apart from
         bookkeeping fields (``inference_mode``, ``peft_version``, ``base_model_name_or_path``, ``revision``).
+
+        ``strict_adapter_check`` is accepted as in :meth:`from_pretrained`: a file that does not fit is refused.
 
         Returns:
             The keys ignored as legacy and the optional keys not found.
