@@ -123,10 +123,10 @@ def run_child(variant: str, threads: int, warmup: int, steps: int) -> dict:
     return json.loads(lines[-1])
 
 
-def table(best: dict, threads: list[int]) -> str:
+def table(best: dict, threads: list[int], variants: list[str]) -> str:
     lines = ["| variant | " + " | ".join(f"step ({t} thr) | peak RSS ({t} thr)" for t in threads) + " |",
              "|---|" + "---:|---:|" * len(threads)]
-    for variant in SFT_VARIANTS:
+    for variant in variants:
         cells = []
         for t in threads:
             row = best[(variant, t)]
@@ -134,7 +134,9 @@ def table(best: dict, threads: list[int]) -> str:
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines.append("")
     for t in threads:
-        step = {v: best[(v, t)]["step_s"] for v in SFT_VARIANTS}
+        step = {v: best[(v, t)]["step_s"] for v in variants}
+        if set(step) != set(SFT_VARIANTS):
+            continue
         lines.append(f"{t} thread{'s' if t > 1 else ''}: FourierFT ours/peft {step['fourierft FourierFT'] / step['peft FourierFT']:.2f}, "
                      f"ours/LoRA {step['fourierft FourierFT'] / step['peft LoRA r=8']:.2f}; BOFT ours/peft "
                      f"{step['fourierft BOFT'] / step['peft BOFT']:.2f}, ours/LoRA "
@@ -150,6 +152,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", nargs="+", default=SFT_VARIANTS, choices=SFT_VARIANTS,
+                        help="SFT variants to time (default: all)")
+    parser.add_argument("--no-dpo", action="store_true", help="skip DPO's peak-memory runs")
+    parser.add_argument("--out", default=RESULTS)
     opts = parser.parse_args(argv)
     if opts.child:
         print(json.dumps(child(opts.child, opts.threads, opts.warmup, opts.steps)))
@@ -161,7 +167,7 @@ def main(argv=None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for r in range(opts.rounds):
         for t in threads:
-            for variant in SFT_VARIANTS:
+            for variant in opts.variants:
                 runs.append(run_child(variant, t, opts.warmup, opts.steps))
                 print(f"round {r + 1}: {variant}, {t} thread(s): {runs[-1]['step_s'] * 1000:.0f} ms a step, "
                       f"peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
@@ -170,18 +176,19 @@ def main(argv=None) -> None:
         key = (run["variant"], run["threads"])
         if key not in best or run["step_s"] < best[key]["step_s"]:
             best[key] = run
-    dpo = [run_child(v, 1, 0, 2) for v in DPO_VARIANTS]
+    dpo = [] if opts.no_dpo else [run_child(v, 1, 0, 2) for v in DPO_VARIANTS]
     for run in dpo:
         print(f"{run['variant']}: peak RSS {run['peak_rss_mib']:.0f} MiB (reference: {run['reference']})")
-    print(table(best, threads))
-    print(f"DPO peak RSS, ours / copied reference: {dpo[0]['peak_rss_mib'] / dpo[1]['peak_rss_mib']:.2f}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    print(table(best, threads, opts.variants))
+    if dpo:
+        print(f"DPO peak RSS, ours / copied reference: {dpo[0]['peak_rss_mib'] / dpo[1]['peak_rss_mib']:.2f}")
+    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    with open(opts.out, "w") as f:
         json.dump({"started": started, "machine": platform.processor() or platform.machine(),
                    "cpus": os.cpu_count(), "rounds": opts.rounds, "warmup": opts.warmup, "steps": opts.steps,
-                   "sft": [best[(v, t)] for t in threads for v in SFT_VARIANTS], "dpo": dpo, "all_runs": runs},
+                   "sft": [best[(v, t)] for t in threads for v in opts.variants], "dpo": dpo, "all_runs": runs},
                   f, indent=1)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {opts.out}")
 
 
 if __name__ == "__main__":
