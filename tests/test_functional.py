@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import fourierft
@@ -244,7 +245,9 @@ def test_prepare_model_for_kbit_training_matches_peft(kbit):
     assert theirs.is_gradient_checkpointing == mine.is_gradient_checkpointing == kbit
     ids = torch.tensor([[1, 2, 3]])
     embedded = [m.get_input_embeddings()(ids).requires_grad for m in models]
-    assert embedded == [kbit, kbit]
+    assert embedded[1] == kbit  # ours: input gradients, so that reentrant checkpointing trains the adapters
+    if int(transformers.__version__.split(".")[0]) >= 5:  # peft 0.22 leaves them off on transformers 4.45.2
+        assert embedded[0] == kbit
 
 
 def test_prepare_model_for_kbit_training_old_kwargs_name_as_peft(base):
