@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -17,3 +17,10 @@ def bound(var: ContextVar, value: T) -> Iterator[T]:
         yield value
     finally:
         var.reset(token)
+
+
+def forcing(var: ContextVar, route: str, routes: Sequence[str], what: str):
+    """``bound(var, route)`` after checking that ``route`` is one of ``routes`` (``what`` names it in the error)."""
+    if route not in routes:
+        raise ValueError(f"unknown {what} {route!r}: expected one of {routes}")
+    return bound(var, route)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._context import bound
+from ._context import bound, forcing
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,9 @@ class RotationChoice:
                 f"m={self.m}, {self.device} {self.dtype}, {'grad' if self.grad else 'no grad'}: {costs}")
 
 
-@contextmanager
 def _force_route(route: str):
     """Tests and benchmarks: inside the block the rotation takes ``route`` wherever it applies (not public API)."""
-    if route not in ROUTES:
-        raise ValueError(f"unknown BOFT route {route!r}: expected one of {ROUTES}")
-    with bound(_FORCED, route):
-        yield
+    return forcing(_FORCED, route, ROUTES, "BOFT route")
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _native
-from ._context import bound
+from ._context import bound, forcing
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,9 @@ class RouteChoice:
                 f"{', W+dW amortised' if self.amortised else ''}: {costs}")
 
 
-@contextmanager
 def _force_route(route: str):
     """Tests and benchmarks: inside the block the op takes ``route`` wherever it applies (not public API)."""
-    if route not in ROUTES:
-        raise ValueError(f"unknown route {route!r}: expected one of {ROUTES}")
-    with bound(_FORCED, route):
-        yield
+    return forcing(_FORCED, route, ROUTES, "route")
 
 
 @contextmanager
